@@ -1,0 +1,143 @@
+"""Every command-line flag of mtil, grouped as in ARGUMENTS.md (which is generated from this file).
+
+Multi-word flags accept both spellings (``--image-loss`` and ``--image_loss``): the seed's README and its code
+disagreed, and researchers' scripts use both.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mtil.errors import UserError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (``mtil: error: ...``) with exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        raise UserError(f"{message} (see --help)")
+
+
+def _spellings(flag: str) -> list[str]:
+    """``--image-loss`` -> ``['--image-loss', '--image_loss']``; single words give one spelling."""
+    body = flag[2:]
+    variants = [flag]
+    for a, b in (("-", "_"), ("_", "-")):
+        other = "--" + body.replace(a, b)
+        if other not in variants:
+            variants.append(other)
+    return variants
+
+
+def _add(group, flag: str, *extra: str, **kwargs) -> None:
+    names: list[str] = []
+    for f in (flag, *extra):
+        names += [n for n in _spellings(f) if n not in names]
+    kwargs.setdefault("dest", flag[2:].replace("-", "_"))
+    group.add_argument(*names, **kwargs)
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m mtil.main",
+        description="Continual learning and adaptation of CLIP models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    g = parser.add_argument_group("Model", "Which CLIP to use and where its weights are.")
+    _add(g, "--model", default="ViT-B/16",
+         help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
+              "ViT-L/14@336px), a tiny test architecture (tiny-vit, tiny-rn, micro-vit), or a path to a weights file.")
+    _add(g, "--clip-root", default="clip",
+         help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
+    _add(g, "--untrained", action="store_true",
+         help="Build the named architecture with random weights instead of loading weights.")
+    _add(g, "--load", default=None,
+         help="Weights to start from: an mtil checkpoint, an OpenAI CLIP file, or an original ZSCL "
+              "checkpoint ({'state_dict': ...}, with or without a 'module.' prefix).")
+    _add(g, "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+
+    g = parser.add_argument_group("Data", "Where datasets live and how they are read.")
+    _add(g, "--data-location", default="data", help="Root folder of all datasets.")
+    _add(g, "--download", action="store_true",
+         help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
+    _add(g, "--workers", type=int, default=2, help="DataLoader worker processes (0 loads in the main process).")
+    _add(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
+
+    g = parser.add_argument_group("Evaluation", "Zero-shot evaluation and metric files.")
+    _add(g, "--eval-datasets", type=_name_list, default=None,
+         help="Comma-separated datasets to evaluate (default: the built-in benchmark's tasks).")
+    _add(g, "--eval-only", action="store_true", help="Evaluate the model and exit, no training.")
+    _add(g, "--eval-single", default=None, metavar="IMAGE",
+         help="Classify one image against --class-names and print the ranked probabilities.")
+    _add(g, "--class-names", default=None, metavar="FILE",
+         help="Text file with one class name per line (for --eval-single).")
+    _add(g, "--prompt", default="a photo of a {}.",
+         help="Prompt template for --eval-single; '{}' is replaced by the class name.")
+    _add(g, "--batch-size-eval", type=int, default=128, help="Batch size for evaluation.")
+    _add(g, "--max-evaluation-size", type=int, default=None,
+         help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
+    _add(g, "--save", default=None, metavar="DIR",
+         help="Directory for metric files (metrics_<Dataset>.csv, results.jsonl) and checkpoints.")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags and check the combinations that argparse cannot express."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    _validate(args)
+    return args
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.batch_size_eval < 1:
+        raise UserError(f"--batch-size-eval must be a positive integer, got {args.batch_size_eval}")
+    if args.max_evaluation_size is not None and args.max_evaluation_size < 1:
+        raise UserError(f"--max-evaluation-size must be a positive integer, got {args.max_evaluation_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.eval_single and not args.class_names:
+        raise UserError("--eval-single needs --class-names FILE (one class name per line)")
+    if args.prompt.count("{}") != 1:
+        raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes), got {args.prompt!r}")
+
+
+def arguments_markdown() -> str:
+    """ARGUMENTS.md, generated from the parser so the two cannot drift."""
+    parser = build_parser()
+    lines = [
+        "# Arguments",
+        "",
+        "Generated from `mtil/args.py` by `python -m mtil.args > ARGUMENTS.md` "
+        "(a test fails when this file and the parser differ).",
+        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`).",
+        "",
+    ]
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"## {group.title}", ""]
+        if group.description:
+            lines += [group.description, ""]
+        lines += ["| flag | default | description |", "| --- | --- | --- |"]
+        for action in actions:
+            names = ", ".join(f"`{n}`" for n in action.option_strings)
+            default = "" if action.default in (None, False, argparse.SUPPRESS) else f"`{action.default}`"
+            text = (action.help or "").replace("|", "\\|")
+            lines.append(f"| {names} | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(arguments_markdown(), end="")

@@ -1,0 +1,133 @@
+"""Folder datasets: ImageNet (and its subsets) and any ``train/ val|validation/ test/`` image folder."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Subset
+from torchvision.datasets import ImageFolder
+
+from mtil.datasets.base import TaskData, readable_list, targets_of
+from mtil.datasets.classnames import IMAGENET_CLASSNAMES
+from mtil.datasets.registry import DatasetEntry, register, register_pattern
+from mtil.errors import UserError
+from mtil.templates import get_templates
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGENET_LAYOUT = "ImageNet/train/<wnid>/*.JPEG and ImageNet/val/<wnid>/*.JPEG (or ImageNet/val_in_folder/)"
+
+
+def _first_existing(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _imagenet_folders(root: Path) -> tuple[Path, Path]:
+    base = root / "ImageNet"
+    train, val = base / "train", _first_existing(base, ("val_in_folder", "val"))
+    if not train.is_dir() or val is None:
+        raise FileNotFoundError(base)
+    return train, val
+
+
+def _imagenet_names(folder: ImageFolder) -> list[str]:
+    # The 1000 readable names follow the sorted-wnid order; a partial copy keeps its folder names.
+    return IMAGENET_CLASSNAMES if len(folder.classes) == 1000 else readable_list(folder.classes)
+
+
+@register("ImageNet", IMAGENET_LAYOUT, downloadable=False)
+def imagenet(root: Path, download: bool) -> TaskData:
+    train_dir, val_dir = _imagenet_folders(root)
+    train = ImageFolder(str(train_dir))
+    return TaskData("ImageNet", _imagenet_names(train), get_templates("ImageNet"),
+                    {"train": lambda: train, "test": lambda: ImageFolder(str(val_dir))})
+
+
+def _imagenet_subset(name: str, root: Path, pick) -> TaskData:
+    full = imagenet(root, False)
+    train = full.raw("train")
+    indices = pick(targets_of(train))
+    return TaskData(name, full.classnames, full.templates,
+                    {"train": lambda: Subset(train, indices), "test": full.openers["test"]})
+
+
+@register_pattern(r"ImageNetSubset:(\d+)")
+def imagenet_random_subset(match: re.Match) -> DatasetEntry:
+    """N random ImageNet training images (seed 0), e.g. as ZSCL reference images."""
+    count = int(match.group(1))
+
+    def pick(targets: list[int]) -> list[int]:
+        rng = np.random.default_rng(0)
+        return sorted(rng.choice(len(targets), size=min(count, len(targets)), replace=False).tolist())
+
+    return DatasetEntry(match.group(0), lambda root, dl: _imagenet_subset(match.group(0), root, pick),
+                        IMAGENET_LAYOUT, downloadable=False)
+
+
+@register_pattern(r"ImageNetClasses:(\d+)")
+def imagenet_first_classes(match: re.Match) -> DatasetEntry:
+    """The first N ImageNet classes with at most 100 training images each."""
+    count = int(match.group(1))
+
+    def pick(targets: list[int]) -> list[int]:
+        taken: dict[int, int] = {}
+        chosen = []
+        for index, label in enumerate(targets):
+            if label < count and taken.get(label, 0) < 100:
+                taken[label] = taken.get(label, 0) + 1
+                chosen.append(index)
+        return chosen
+
+    return DatasetEntry(match.group(0), lambda root, dl: _imagenet_subset(match.group(0), root, pick),
+                        IMAGENET_LAYOUT, downloadable=False)
+
+
+FOLDER_LAYOUT = "PATH/train/<class>/*.jpg, PATH/test/<class>/ (or val/ or validation/), optional PATH/classnames.txt"
+GENERIC_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a picture of a {}."]
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_image_folder(root: Path, name: str) -> TaskData:
+    """``root/train/<class>/...`` and ``root/test|val|validation/<class>/...``.
+
+    Class names come from ``root/classnames.txt`` (one per line, in sorted folder order) when present, else from
+    the folder names with underscores turned into spaces. Evaluation uses ``test/``, or ``val/`` when there is
+    no test folder.
+    """
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist: expected {FOLDER_LAYOUT}")
+    train_dir = root / "train"
+    eval_dir = _first_existing(root, ("test", "val", "validation"))
+    if not train_dir.is_dir() or eval_dir is None:
+        raise UserError(f"image folder {root} lacks train/ or test|val|validation/: expected {FOLDER_LAYOUT}")
+    train = ImageFolder(str(train_dir), is_valid_file=_is_image)
+    names_file = root / "classnames.txt"
+    if names_file.is_file():
+        classnames = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(classnames) != len(train.classes):
+            raise UserError(f"{names_file} lists {len(classnames)} names but {train_dir} has "
+                            f"{len(train.classes)} class folders")
+    else:
+        classnames = readable_list(train.classes)
+    openers = {"train": lambda: train, "test": lambda: _eval_folder(eval_dir, train.classes)}
+    val_dir = _first_existing(root, ("val", "validation"))
+    if val_dir is not None:
+        openers["val"] = lambda: _eval_folder(val_dir, train.classes)
+    return TaskData(name, classnames, GENERIC_TEMPLATES, openers)
+
+
+def _eval_folder(folder: Path, classes: list[str]) -> ImageFolder:
+    data = ImageFolder(str(folder), is_valid_file=_is_image)
+    if data.classes != classes:
+        raise UserError(f"{folder} has classes {data.classes[:5]}... which differ from train/ {classes[:5]}...")
+    return data
+
+
+@register_pattern(r"ImageFolder:(.+)")
+def image_folder(match: re.Match) -> DatasetEntry:
+    path = Path(match.group(1))
+    return DatasetEntry(match.group(0), lambda root, dl: open_image_folder(path, match.group(0)),
+                        FOLDER_LAYOUT, downloadable=False)

@@ -1,0 +1,76 @@
+"""The jobs ``main`` dispatches to. Each takes the parsed flags and returns an exit code."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mtil.datasets.registry import open_dataset
+from mtil.datasets.toyworld import BUILTIN_ORDER
+from mtil.errors import UserError
+from mtil.evaluation.metrics_io import append_result_line, write_metric_row
+from mtil.evaluation.single_image import classify_image, read_class_names, read_image
+from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.models.clip_loading import LoadedModel, load_clip, resolve_device
+from mtil.seeding import seed_everything
+
+
+def _load_model(args: argparse.Namespace) -> LoadedModel:
+    return load_clip(args.model, clip_root=args.clip_root, untrained=args.untrained, load=args.load,
+                     device=resolve_device(args.device), seed=args.seed)
+
+
+def _resolved_config(args: argparse.Namespace, loaded: LoadedModel) -> dict:
+    return {**vars(args), "model_source": loaded.source, "device": str(next(loaded.model.parameters()).device)}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Zero-shot top-1/top-5 of the model on every ``--eval-datasets`` entry; metric files under ``--save``."""
+    seed_everything(args.seed)
+    names = args.eval_datasets or list(BUILTIN_ORDER)
+    # Report every missing thing at once (weights and data), not one per attempt.
+    problems: list[str] = []
+    for name in names:
+        try:
+            open_dataset(name, args.data_location, args.download)
+        except UserError as exc:
+            problems.append(str(exc))
+    try:
+        loaded = _load_model(args)
+    except UserError as exc:
+        problems.insert(0, str(exc))
+    if problems:
+        raise UserError("; ".join(problems))
+
+    iteration = int(loaded.checkpoint.get("iteration", 0))
+    config = _resolved_config(args, loaded)
+    evaluator = ZeroShotEvaluator(loaded.model, data_location=args.data_location, download=args.download,
+                                  batch_size=args.batch_size_eval, workers=args.workers,
+                                  max_size=args.max_evaluation_size, seed=args.seed)
+    print(f"Zero-shot evaluation of {loaded.source} on {config['device']}")
+    for name in names:
+        result = evaluator.evaluate(name)
+        print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   ({result.count} images)")
+        if args.save:
+            write_metric_row(args.save, name, iteration, result.top1, result.top5)
+            append_result_line(args.save, {"dataset": name, "iteration": iteration, "top1": result.top1,
+                                           "top5": result.top5, "images": result.count}, config)
+    if args.save:
+        print(f"Metrics written to {Path(args.save)}/metrics_<Dataset>.csv and results.jsonl")
+    else:
+        print("(no metric files written: give --save DIR to keep them)")
+    return 0
+
+
+def eval_single(args: argparse.Namespace) -> int:
+    """Print the ranked class probabilities of one image."""
+    classnames = read_class_names(args.class_names)
+    image = read_image(args.eval_single)
+    loaded = _load_model(args)
+    ranked = classify_image(loaded.model, image, classnames, args.prompt)
+    shown = ranked[:10]
+    print(f"{args.eval_single} ({loaded.source}), prompt {args.prompt!r}:")
+    for rank, (name, probability) in enumerate(shown, 1):
+        print(f"  {rank:>2}. {name:<30} {100 * probability:6.2f}%")
+    if len(ranked) > len(shown):
+        print(f"  ... {len(ranked) - len(shown)} more classes below {100 * shown[-1][1]:.2f}%")
+    return 0

@@ -1,0 +1,34 @@
+"""Entry point: flags -> resolved configuration -> the job (evaluate a model, classify one image)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mtil.args import parse_args
+from mtil.errors import UserError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback."""
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except UserError as exc:
+        print(f"mtil: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtil: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtil import jobs  # heavy imports (torch, torchvision) only after the flags parsed
+
+    if args.eval_single:
+        return jobs.eval_single(args)
+    return jobs.evaluate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Build or load a CLIP model: OpenAI names (through clip-anytorch), local files, tiny test architectures.
+
+Everything ends as a float32 ``clip.model.CLIP`` on the requested device, plus a note of where it came from.
+Weights files are read with ``weights_only=True`` (no arbitrary code), except OpenAI's TorchScript archives which
+``torch.jit.load`` reads.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from clip import clip as clip_api
+from clip.model import CLIP
+
+from mtil.errors import UserError
+from mtil.models.architectures import (
+    ALL_ARCHITECTURES,
+    OPENAI_ARCHITECTURES,
+    Architecture,
+    architecture_from_state_dict,
+)
+
+DOWNLOAD_TIMEOUT_S = 20
+
+
+@dataclass
+class LoadedModel:
+    model: CLIP
+    arch: Architecture
+    source: str
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # the rest of an mtil checkpoint, if one was loaded
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
+
+
+def build_clip(arch: Architecture, seed: int | None = None) -> CLIP:
+    """A float32 CLIP with freshly initialised (random) weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CLIP(**asdict(arch)).float()
+
+
+def model_names() -> list[str]:
+    return list(ALL_ARCHITECTURES)
+
+
+def weights_file_for(name: str, clip_root: str | os.PathLike) -> Path:
+    """Where the OpenAI weights of ``name`` live under ``clip_root`` (clip-anytorch's file name)."""
+    return Path(clip_root) / os.path.basename(clip_api._MODELS[name])
+
+
+def _download_openai(name: str, clip_root: Path) -> Path:
+    target = weights_file_for(name, clip_root)
+    if target.is_file():
+        return target
+    url = clip_api._MODELS[name]
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return Path(clip_api._download(url, str(clip_root)))
+    except Exception as exc:  # no network, proxy refusal, checksum failure ...
+        if target.exists() and target.stat().st_size == 0:
+            target.unlink()
+        raise UserError(
+            f"CLIP weights for {name} are missing: looked for {target} (--clip-root {clip_root}); "
+            f"the download failed ({type(exc).__name__}: {str(exc)[:80]}). "
+            f"Fetch {url} on a machine with internet and place it at {target}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Strip DataParallel/DDP ``module.`` prefixes and non-parameter entries kept by OpenAI files."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key in ("input_resolution", "context_length", "vocab_size"):
+            continue
+        out[key] = value
+    return out
+
+
+def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read any supported weights file: returns (CLIP state dict, the rest of an mtil checkpoint or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # OpenAI's released files are TorchScript archives
+            payload = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception:
+            raise UserError(
+                f"cannot read {path}: not an mtil checkpoint, an OpenAI CLIP file or a ZSCL state dict"
+            ) from None
+    if not isinstance(payload, Mapping):
+        raise UserError(f"cannot read {path}: expected a dict of weights, found {type(payload).__name__}")
+    if payload.get("format") == "mtil-checkpoint":
+        rest = {k: v for k, v in payload.items() if k != "model"}
+        return _clean_state_dict(payload["model"]), rest
+    if "state_dict" in payload and isinstance(payload["state_dict"], Mapping):  # original ZSCL format
+        payload = payload["state_dict"]
+    state_dict = _clean_state_dict(payload)
+    if "text_projection" not in state_dict:
+        raise UserError(f"{path} holds no CLIP weights (no 'text_projection' key among {len(state_dict)} entries)")
+    return state_dict, {}
+
+
+def model_from_state_dict(state_dict: dict[str, torch.Tensor], arch: Architecture | None = None) -> CLIP:
+    arch = arch or architecture_from_state_dict(state_dict)
+    model = build_clip(arch)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"weights do not fit the CLIP architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model
+
+
+def load_clip(
+    name: str,
+    *,
+    clip_root: str | os.PathLike = "clip",
+    untrained: bool = False,
+    load: str | None = None,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> LoadedModel:
+    """Resolve ``--model`` / ``--untrained`` / ``--load`` into a model.
+
+    ``--load`` wins over the model's own weights (its architecture comes from the file); ``--untrained`` gives
+    random weights of the named architecture; a tiny architecture without ``--load`` is random too.
+    """
+    checkpoint: dict[str, Any] = {}
+    if load:
+        state_dict, checkpoint = read_weights_file(load)
+        arch = Architecture.from_dict(checkpoint["arch"]) if "arch" in checkpoint else None
+        model = model_from_state_dict(state_dict, arch)
+        loaded = LoadedModel(model, arch or architecture_from_state_dict(state_dict), f"file {load}", checkpoint)
+    elif name in ALL_ARCHITECTURES and (untrained or name not in OPENAI_ARCHITECTURES):
+        arch = ALL_ARCHITECTURES[name]
+        loaded = LoadedModel(build_clip(arch, seed), arch, f"{name} with random weights")
+    elif name in OPENAI_ARCHITECTURES:
+        path = _download_openai(name, Path(clip_root))
+        state_dict, _ = read_weights_file(path)
+        model = model_from_state_dict(state_dict)
+        loaded = LoadedModel(model, architecture_from_state_dict(state_dict), f"OpenAI {name} from {path}")
+    elif Path(name).is_file():
+        state_dict, checkpoint = read_weights_file(name)
+        arch = Architecture.from_dict(checkpoint["arch"]) if "arch" in checkpoint else None
+        model = model_from_state_dict(state_dict, arch)
+        loaded = LoadedModel(model, arch or architecture_from_state_dict(state_dict), f"file {name}", checkpoint)
+    else:
+        raise UserError(f"unknown --model {name!r}; valid names: {', '.join(model_names())}, or a path to a weights file")
+    loaded.model.to(device)
+    return loaded
