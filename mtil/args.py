@@ -73,6 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--workers", type=int, default=2, help="DataLoader worker processes (0 loads in the main process).")
     _add(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
 
+    g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
+    _add(g, "--method", default="finetune",
+         help="Training method: finetune, or contrastive (CLIP's image-text loss on a caption dataset).")
+    _add(g, "--train-mode", default="whole",
+         choices=["whole", "image", "text", "image-fc", "image-fc-fixed", "fc"],
+         help="Which parts of CLIP train (see README: Train modes).")
+    _add(g, "--train-dataset", default=None,
+         help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
+    _add(g, "--sequence", default=None, metavar="YAML",
+         help="Sequence file: a list of tasks with per-task settings (lr, iterations, epochs, batch_size, ...).")
+    _add(g, "--iterations", type=int, default=None, help="Optimiser steps per task (exactly this many).")
+    _add(g, "--epochs", type=int, default=None, help="Epochs per task instead of --iterations.")
+    _add(g, "--batch-size", type=int, default=64, help="Training batch size.")
+    _add(g, "--lr", type=float, default=1e-5, help="Peak learning rate (AdamW).")
+    _add(g, "--wd", type=float, default=0.0, help="AdamW weight decay.")
+    _add(g, "--beta2", type=float, default=0.999, help="AdamW beta2.")
+    _add(g, "--ls", type=float, default=0.0, help="Label smoothing of the cross-entropy.")
+    _add(g, "--warmup-length", type=int, default=100, help="Linear warm-up steps, then cosine decay to 0.")
+    _add(g, "--freeze", type=_name_list, default=None, metavar="PATTERNS",
+         help="Comma-separated parameter-name patterns (fnmatch, e.g. 'visual.conv1.*,token_embedding.*') "
+              "kept frozen on top of --train-mode.")
+    _add(g, "--deterministic", action="store_true",
+         help="Bitwise-reproducible kernels (torch.use_deterministic_algorithms); slower on GPU.")
+
+    g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
+    _add(g, "--checkpoint-interval", type=int, default=500,
+         help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
+    _add(g, "--force-resume", action="store_true",
+         help="Resume an unfinished run in --save even though its configuration differs from this command's.")
+    _add(g, "--summarize", default=None, metavar="DIR",
+         help="Build accuracy_matrix.csv, summary.csv and the heat map from the results a run (or a chain of "
+              "one-task runs) left in DIR, and exit.")
+
     g = parser.add_argument_group("Evaluation", "Zero-shot evaluation and metric files.")
     _add(g, "--eval-datasets", type=_name_list, default=None,
          help="Comma-separated datasets to evaluate (default: the built-in benchmark's tasks).")
@@ -84,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--prompt", default="a photo of a {}.",
          help="Prompt template for --eval-single; '{}' is replaced by the class name.")
     _add(g, "--batch-size-eval", type=int, default=128, help="Batch size for evaluation.")
+    _add(g, "--eval-interval", type=int, default=None,
+         help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
     _add(g, "--max-evaluation-size", type=int, default=None,
          help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
     _add(g, "--save", default=None, metavar="DIR",
-         help="Directory for metric files (metrics_<Dataset>.csv, results.jsonl) and checkpoints.")
+         help="Directory for checkpoints (<Dataset>.pth, latest.pth) and metric files (metrics_<Dataset>.csv, "
+              "results.jsonl, accuracy_matrix.csv, summary.csv). Re-running a command resumes from here.")
     return parser
 
 
@@ -99,6 +135,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.iterations is not None and args.epochs is not None:
+        raise UserError("--iterations and --epochs contradict each other: give one of them")
+    for flag in ("iterations", "epochs", "batch_size", "eval_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.checkpoint_interval < 0:
+        raise UserError(f"--checkpoint-interval must be 0 or more, got {args.checkpoint_interval}")
+    if args.warmup_length < 0:
+        raise UserError(f"--warmup-length must be 0 or more, got {args.warmup_length}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ls < 1:
+        raise UserError(f"--ls (label smoothing) must be in [0, 1), got {args.ls}")
+    if args.train_dataset and args.sequence:
+        raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
     if args.batch_size_eval < 1:
         raise UserError(f"--batch-size-eval must be a positive integer, got {args.batch_size_eval}")
     if args.max_evaluation_size is not None and args.max_evaluation_size < 1:

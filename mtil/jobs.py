@@ -74,3 +74,36 @@ def eval_single(args: argparse.Namespace) -> int:
     if len(ranked) > len(shown):
         print(f"  ... {len(ranked) - len(shown)} more classes below {100 * shown[-1][1]:.2f}%")
     return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train the task sequence (resuming from ``--save`` when it holds this run); exit 3 when preempted."""
+    from mtil.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_on_signals
+    from mtil.engine.sequence import SequenceRunner
+
+    runner = SequenceRunner(args)
+    with stop_on_signals(runner.stop):
+        try:
+            runner.run()
+        except Preempted as exc:
+            print(f"mtil: {exc}; latest checkpoint saved in {args.save}; re-run the same command to resume")
+            return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def summarize(args: argparse.Namespace) -> int:
+    """Matrix, summary and heat map from the results.jsonl a run or a chain of one-task runs left in a folder."""
+    from mtil.engine.sequence import write_reports
+    from mtil.evaluation.matrix import matrix_from_results, write_matrix
+
+    folder = Path(args.summarize)
+    results = folder / "results.jsonl"
+    if not results.is_file():
+        raise UserError(f"--summarize {folder}: no results.jsonl there (it is written by runs with --save {folder})")
+    long, order = matrix_from_results(results)
+    if long.empty or not order:
+        raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")
+    write_matrix(folder / "accuracy_matrix.csv", long, order)
+    write_reports(folder, args.method, long, order)
+    print(f"Wrote {folder}/accuracy_matrix.csv, summary.csv and accuracy_matrix.png")
+    return 0

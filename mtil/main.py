@@ -1,4 +1,4 @@
-"""Entry point: flags -> resolved configuration -> the job (evaluate a model, classify one image)."""
+"""Entry point: flags -> resolved configuration -> the job (train a sequence, evaluate, classify one image, summarize)."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from mtil import jobs  # heavy imports (torch, torchvision) only after the flags parsed
 
+    if args.summarize:
+        return jobs.summarize(args)
     if args.eval_single:
         return jobs.eval_single(args)
-    return jobs.evaluate(args)
+    if args.eval_only or not (args.train_dataset or args.sequence):
+        return jobs.evaluate(args)
+    return jobs.train(args)
 
 
 if __name__ == "__main__":

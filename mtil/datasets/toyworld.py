@@ -23,8 +23,8 @@ distribution, so every classification task skews the attributes it does *not*
 classify (see ``DOMAIN_SIGNATURES``); its own label is always balanced:
 
 =============  ===========================================================
-ToyShape       clean icons: mostly dark background, solid fill, few objects,
-               low noise
+ToyShape       clean icons: mostly dark background, solid fill, few and not
+               small objects, low noise
 ToyColor       catalogue shots: mostly light background, solid/striped fill
 ToyPattern     fabric swatches: mostly large, single objects, wooden background
 ToySize        mostly a single object, grassy background
@@ -144,7 +144,7 @@ BUILTIN_ORDER: list[str] = ["ToyShape", "ToyColor", "ToyPattern", "ToyCount", "T
 DOMAIN_SIGNATURES: dict[str, dict] = {
     "ToyShape": {
         "weights": {"background": {"dark": 5}, "pattern": {"solid": 3},
-                    "count": {"one": 3, "two": 2}},
+                    "count": {"one": 3, "two": 2}, "size": {"medium": 2, "large": 2}},
         "noise": 5.0,
     },
     "ToyColor": {
@@ -328,7 +328,7 @@ def _pattern(kind: str, u: np.ndarray, v: np.ndarray, r: float, rng: np.random.G
         ou, ov = rng.uniform(0, period, 2).tolist()
         du = np.mod(u + ou, period) - period / 2
         dv = np.mod(v + ov, period) - period / 2
-        return _clip01(max(0.75, 0.28 * period) + 0.5 - np.hypot(du, dv))
+        return _clip01(max(0.9, 0.3 * period) + 0.5 - np.hypot(du, dv))
     if kind == "checkered":
         cell = max(2.0, 0.55 * r) * rng.uniform(0.9, 1.1)
         ou, ov = rng.uniform(0, 2 * cell, 2).tolist()
@@ -346,11 +346,11 @@ _LAYOUTS = {
 
 def _layout(n: int, r: float, rng: np.random.Generator) -> np.ndarray:
     """Offsets ``(n, 2)`` of ``n`` non-overlapping objects around the group centre."""
-    d = r * rng.uniform(2.3, 2.6)  # centre spacing; shapes fit in ~1.08 r
+    d = r * rng.uniform(2.45, 2.7)  # centre spacing; shapes fit in ~1.08 r
     th = rng.uniform(0, math.pi) if n > 1 else 0.0
     c, s = math.cos(th), math.sin(th)
     rot = np.array([[c, s], [-s, c]]) * d
-    return _LAYOUTS[n] @ rot + rng.uniform(-0.08 * r, 0.08 * r, (n, 2))
+    return _LAYOUTS[n] @ rot + rng.uniform(-0.05 * r, 0.05 * r, (n, 2))
 
 
 def _background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -539,11 +539,11 @@ class ToyTaskDataset(Dataset):
         self.classes: list[str] = list(self.info.classes)
         self.templates: list[str] = list(self.info.templates)
         self.split = split
+        self._key = (int(seed), _stream_id(task), _split_index(split))
         self.size = self.default_sizes[split] if size is None else int(size)
         self.seed = int(seed)
         self.image_size = int(image_size)
         self.transform = transform
-        self._key = (self.seed, _stream_id(task), _split_index(split))
         domain = DOMAIN_SIGNATURES.get(task, {})
         self._weights = {a: w for a, w in domain.get("weights", {}).items() if a != self.attribute}
         self._noise = float(domain.get("noise", 7.0))
@@ -595,11 +595,11 @@ class ToyCaptionDataset(Dataset):
         transform=None,
     ) -> None:
         self.split = split
+        self._key = (int(seed), _stream_id("ToyCaptions"), _split_index(split))
         self.size = self.default_sizes[split] if size is None else int(size)
         self.seed = int(seed)
         self.image_size = int(image_size)
         self.transform = transform
-        self._key = (self.seed, _stream_id("ToyCaptions"), _split_index(split))
         self._captions: list[str] | None = None
 
     def __len__(self) -> int:

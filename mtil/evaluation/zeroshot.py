@@ -50,6 +50,8 @@ class ZeroShotEvaluator:
         self.max_size = max_size
         self.seed = seed
         self._heads: dict[str, torch.Tensor] = {}
+        # Linear heads learned in the image-fc / fc train modes replace the zero-shot head of their dataset.
+        self.learned_heads: dict[str, torch.nn.Module] = {}
         self._loaders: dict[str, DataLoader] = {}
         self.heads_built = 0  # counted, so tests can prove the cache works
 
@@ -89,17 +91,19 @@ class ZeroShotEvaluator:
 
     @torch.no_grad()
     def evaluate(self, name: str) -> EvalResult:
-        head = self.head(name)
+        learned = self.learned_heads.get(name)
+        head = self.head(name) if learned is None else None
         was_training = self.model.training
         self.model.eval()
         correct1 = correct5 = total = 0
-        k = min(5, head.shape[1])
+        k = min(5, len(self.task(name).classnames))
         for images, labels in self.loader(name):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with autocast_for(self.device):
                 features = self.model.encode_image(images)
-            logits = F.normalize(features.float(), dim=-1) @ head
+            features = F.normalize(features.float(), dim=-1)
+            logits = features @ head if learned is None else learned(features)
             top = logits.topk(k, dim=1).indices
             hits = top == labels[:, None]
             correct1 += hits[:, 0].sum().item()

@@ -54,8 +54,8 @@ OPENAI_ARCHITECTURES: dict[str, Architecture] = {
 }
 
 TINY_ARCHITECTURES: dict[str, Architecture] = {
-    # 32x32 images, 4x4 patches (64 tokens), 3+3 layers of width 128: the built-in benchmark's model.
-    "tiny-vit": Architecture(128, 32, 3, 128, 4, 32, _V, 128, 2, 3),
+    # 32x32 images, 8x8 patches (16 tokens), 3+3 layers of width 128, 24 text tokens: the built-in benchmark's model.
+    "tiny-vit": Architecture(128, 32, 3, 128, 8, 24, _V, 128, 2, 3),
     # The ModifiedResNet path at 32x32 (one block per stage).
     "tiny-rn": Architecture(128, 32, (1, 1, 1, 1), 16, None, 32, _V, 128, 2, 2),
     # The smallest thing that is still a CLIP: for fast unit tests.

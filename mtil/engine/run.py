@@ -1,0 +1,60 @@
+"""The objects a training run passes around: the run (model, state, writers) and the task in progress."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from clip.model import CLIP
+
+from mtil.datasets.base import TaskData
+from mtil.engine.state import TrainingState
+from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.models.architectures import Architecture
+from mtil.models.train_modes import LinearHead
+
+TASK_SETTINGS = ("lr", "iterations", "epochs", "batch_size", "wd", "beta2", "ls", "warmup_length")
+
+
+@dataclass
+class TaskSettings:
+    """Per-task optimisation settings: the command line's, overridden by the sequence file's entry."""
+
+    lr: float
+    iterations: int | None
+    epochs: int | None
+    batch_size: int
+    wd: float
+    beta2: float
+    ls: float
+    warmup_length: int
+
+
+@dataclass
+class TaskContext:
+    name: str
+    settings: TaskSettings
+    data: TaskData | None = None  # None for caption datasets
+    classifier: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    total_steps: int = 0
+    feature_passes: int = 0  # how often fc mode encoded the training set (once per task)
+
+
+@dataclass
+class Run:
+    config: argparse.Namespace
+    model: CLIP
+    arch: Architecture
+    device: torch.device
+    state: TrainingState
+    evaluator: ZeroShotEvaluator
+    save_dir: Path | None
+    log: logging.Logger
+    heads: dict[str, LinearHead] = field(default_factory=dict)
+    task: TaskContext | None = None

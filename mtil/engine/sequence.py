@@ -1,0 +1,307 @@
+"""Train a sequence of tasks in one process: zero-shot row, then train + evaluate each task, with exact resume.
+
+Resume protocol: everything needed to continue lives in ``<save>/latest.pth``. Re-running the same command
+continues from it (a finished run just prints its results); a different configuration on an unfinished run is
+refused unless ``--force-resume``; a finished run in the same folder with a different configuration is the
+one-task-per-process chain, which starts afresh from ``--load``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from mtil.datasets.captions import CAPTION_DATASETS
+from mtil.datasets.registry import open_dataset
+from mtil.engine.checkpoint import (
+    LATEST,
+    capture_rng,
+    config_differences,
+    config_for_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from mtil.engine.loop import train_steps
+from mtil.engine.preemption import StopFlag
+from mtil.engine.run import Run, TaskContext
+from mtil.engine.schedule import warmup_cosine
+from mtil.engine.state import TrainingState
+from mtil.engine.tasks import resolve_tasks, steps_for, task_settings
+from mtil.errors import UserError
+from mtil.evaluation import matrix as mx
+from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
+from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.methods import build_method
+from mtil.methods.base import Method
+from mtil.models.architectures import Architecture
+from mtil.models.clip_loading import load_clip, model_from_state_dict, resolve_device
+from mtil.models.train_modes import LINEAR_HEAD_MODES, LinearHead, parameters_of, select_trainable, trains_text
+from mtil.seeding import seed_everything
+
+
+def _logger(save_dir: Path | None) -> logging.Logger:
+    log = logging.getLogger("mtil.train")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(save_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _say(run_log: logging.Logger, message: str) -> None:
+    print(message, flush=True)
+    run_log.info(message)
+
+
+def _set_determinism(config: argparse.Namespace) -> None:
+    if config.deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+class SequenceRunner:
+    """Owns one run: builds it (fresh or resumed), trains every remaining task and writes every artefact."""
+
+    def __init__(self, config: argparse.Namespace):
+        self.config = config
+        self.specs = resolve_tasks(config)
+        if not self.specs:
+            raise UserError("nothing to train: give --train-dataset A,B,... (or a named order) or --sequence FILE")
+        self.save_dir = Path(config.save) if config.save else None
+        self.config_record = config_for_checkpoint(vars(config))
+        self.method: Method = build_method(config)
+        self.components: list[Method] = [self.method]
+        self.stop = StopFlag()
+        self._check_data()
+
+    # ---------------------------------------------------------------- set-up
+    def _check_data(self) -> None:
+        problems = []
+        for spec in self.specs:
+            try:
+                if self.method.needs_classification_data:
+                    open_dataset(spec.dataset, self.config.data_location, self.config.download)
+                elif spec.dataset not in CAPTION_DATASETS:
+                    raise UserError(f"--method {self.config.method} trains on a caption dataset "
+                                    f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
+            except UserError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def _existing_checkpoint(self) -> dict | None:
+        if self.save_dir is None or not (self.save_dir / LATEST).is_file():
+            return None
+        saved = load_checkpoint(self.save_dir / LATEST)
+        state = TrainingState.from_dict(saved["state"])
+        differences = config_differences(saved.get("config", {}), self.config_record)
+        if not differences:
+            return saved
+        if state.finished:
+            return None  # a finished run with other settings (a chain's previous link): start afresh
+        if self.config.force_resume:
+            print(f"--force-resume: resuming although these settings changed: {', '.join(differences)}")
+            return saved
+        raise UserError(
+            f"{self.save_dir} holds an unfinished run with different settings ({', '.join(differences[:6])}); "
+            f"re-run with its settings to resume, pass --force-resume to resume anyway, or use another --save"
+        )
+
+    def build(self) -> Run:
+        config = self.config
+        device = resolve_device(config.device)
+        _set_determinism(config)
+        seed_everything(config.seed)
+        log = _logger(self.save_dir)
+        self.resumed = self._existing_checkpoint()
+        if self.resumed is not None:
+            saved = self.resumed
+            arch = Architecture.from_dict(saved["arch"])
+            model = model_from_state_dict(saved["model"], arch).to(device)
+            state = TrainingState.from_dict(saved["state"])
+            source = f"resumed from {self.save_dir / LATEST}"
+        else:
+            loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained,
+                               load=config.load, device=device, seed=config.seed)
+            model, arch, source = loaded.model, loaded.arch, loaded.source
+            previous = loaded.checkpoint.get("state") or {}
+            completed = list(previous.get("completed", []))
+            state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
+                                  global_step=int(previous.get("global_step", 0)),
+                                  zero_shot_evaluated=bool(completed))
+        evaluator = ZeroShotEvaluator(model, data_location=config.data_location, download=config.download,
+                                      batch_size=config.batch_size_eval, workers=config.workers,
+                                      max_size=config.max_evaluation_size, seed=config.seed)
+        run = Run(config, model, arch, device, state, evaluator, self.save_dir, log)
+        evaluator.learned_heads = run.heads
+        if self.resumed is not None:
+            for name, head_state in self.resumed.get("heads", {}).items():
+                run.heads[name] = LinearHead(head_state["linear.weight"], head_state["linear.bias"]).to(device)
+            for component in self.components:
+                component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
+        _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model {source}; "
+                  f"device {device}")
+        return run
+
+    # ---------------------------------------------------------------- checkpoints
+    def _payload(self, run: Run, with_optimizer: bool) -> dict:
+        task = run.task
+        payload = {
+            "arch": run.arch.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+            "heads": {n: {k: v.detach().cpu() for k, v in h.state_dict().items()} for n, h in run.heads.items()},
+            "methods": {c.name: c.state_dict() for c in self.components},
+            "rng": capture_rng(),
+            "state": run.state.to_dict(),
+            "iteration": run.state.global_step,
+            "config": self.config_record,
+        }
+        if with_optimizer and task is not None and task.optimizer is not None:
+            payload["optimizer"] = task.optimizer.state_dict()
+            payload["scheduler"] = task.scheduler.state_dict()
+        return payload
+
+    def save_latest(self, run: Run, with_optimizer: bool = True) -> None:
+        if self.save_dir is not None:
+            save_checkpoint(self.save_dir / LATEST, self._payload(run, with_optimizer))
+
+    # ---------------------------------------------------------------- evaluation
+    def eval_names(self, run: Run) -> list[str]:
+        names = self.config.eval_datasets or run.state.sequence
+        return [n for n in names if n not in CAPTION_DATASETS]
+
+    def evaluate_row(self, run: Run, after_task: int | None) -> list[dict]:
+        rows = []
+        for name in self.eval_names(run):
+            result = run.evaluator.evaluate(name)
+            rows.append({"after_task": after_task, "dataset": name, "top1": result.top1, "top5": result.top5})
+            if self.save_dir is not None:
+                write_metric_row(self.save_dir, name, run.state.global_step, result.top1, result.top5)
+                append_result_line(self.save_dir, {
+                    "dataset": name, "iteration": run.state.global_step, "after_task": after_task,
+                    "sequence": run.state.completed, "top1": result.top1, "top5": result.top5,
+                    "images": result.count, "method": self.config.method}, self.config_record)
+        label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
+                                                    f"step {run.state.step}")
+        _say(run.log, f"[{label}] " + "  ".join(f"{r['dataset']} {r['top1']:.2f}" for r in rows))
+        if after_task is not None and self.save_dir is not None and rows:
+            path = self.save_dir / "accuracy_matrix.csv"
+            long = mx.read_matrix(path) if path.is_file() else mx.empty_matrix()
+            mx.write_matrix(path, mx.upsert_rows(long, rows), run.state.sequence)
+        return rows
+
+    # ---------------------------------------------------------------- tasks
+    def _start_task(self, run: Run) -> TaskContext:
+        config, state = self.config, run.state
+        name = state.current_task
+        spec = self.specs[state.task_index - (len(state.sequence) - len(self.specs))]
+        settings = task_settings(config, spec)
+        data = open_dataset(name, config.data_location, config.download) \
+            if self.method.needs_classification_data else None
+        task = TaskContext(name=name, settings=settings, data=data)
+        run.task = task
+        trainable = select_trainable(run.model, config.train_mode, config.freeze)
+        if self.method.trains_logit_scale:
+            run.model.logit_scale.requires_grad_(True)
+            trainable.append("logit_scale")
+        for component in self.components:
+            component.before_task(run, task)
+        raw, _, _ = self.method.train_items(run, task)
+        task.total_steps = steps_for(settings, len(raw))
+        state.total_steps = task.total_steps
+        extra = [m for c in self.components for m in c.extra_modules(run, task)]
+        params = parameters_of([run.model, *extra])
+        if not params:
+            raise UserError(f"--train-mode {config.train_mode} with --freeze {config.freeze} leaves nothing to train")
+        task.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.wd,
+                                           betas=(0.9, settings.beta2))
+        task.scheduler = warmup_cosine(task.optimizer, settings.warmup_length, task.total_steps)
+        return task
+
+    def _train_one_task(self, run: Run) -> None:
+        state = run.state
+        task = self._start_task(run)
+        resuming_mid_task = self.resumed is not None and state.step > 0 and "optimizer" in self.resumed
+        if resuming_mid_task:
+            task.optimizer.load_state_dict(self.resumed["optimizer"])
+            task.scheduler.load_state_dict(self.resumed["scheduler"])
+            restore_rng(self.resumed["rng"])
+            _say(run.log, f"resuming {task.name} at step {state.step}/{task.total_steps}")
+        else:
+            state.step = 0
+        self.resumed = None  # consumed
+        stream_id = state.task_index
+        train_steps(run, task, self.components, stream_id, stop=self.stop,
+                    save_latest=lambda: self.save_latest(run),
+                    evaluate_mid_task=lambda: self.evaluate_row(run, None))
+        for component in self.components:
+            component.after_task(run, task)
+        state.completed.append(task.name)
+        state.step = 0
+        state.task_evaluated = False
+        run.evaluator.model_changed(text_changed=trains_text(self.config.train_mode)
+                                    or self.method.trains_logit_scale)
+        if self.save_dir is not None:
+            payload = self._payload(run, with_optimizer=False)
+            save_checkpoint(self.save_dir / f"{safe_name(task.name)}.pth", payload)
+            save_checkpoint(self.save_dir / LATEST, payload)
+        run.task = None
+
+    # ---------------------------------------------------------------- the whole sequence
+    def run(self) -> Run:
+        run = self.build()
+        state = run.state
+        if state.finished:
+            _say(run.log, f"{self.save_dir} already holds this finished run; nothing to resume")
+        if not state.zero_shot_evaluated:
+            self.evaluate_row(run, 0)
+            state.zero_shot_evaluated = True
+            self.save_latest(run, with_optimizer=False)
+        while not state.finished:
+            if state.task_evaluated:
+                self._train_one_task(run)
+            self.evaluate_row(run, len(state.completed))
+            state.task_evaluated = True
+            self.save_latest(run, with_optimizer=False)
+        self.report(run)
+        return run
+
+    def report(self, run: Run) -> None:
+        if self.save_dir is None:
+            return
+        path = self.save_dir / "accuracy_matrix.csv"
+        if not path.is_file():
+            return
+        write_reports(self.save_dir, self.config.method, mx.read_matrix(path), run.state.sequence, run.log)
+
+
+def write_reports(save_dir: Path, method: str, long, order: list[str], log: logging.Logger | None = None) -> dict:
+    """Print the matrix and its metrics; write summary.csv and the heat map beside the matrix."""
+    print(mx.format_matrix(long, order))
+    complete = True
+    try:
+        metrics = mx.summarize(long, order)
+    except ValueError:
+        metrics, complete = mx.summarize(long, order, partial=True), False
+    row = {"method": method, **metrics}
+    mx.write_summary(save_dir / "summary.csv", [row])
+    mx.plot_heatmap(long, order, save_dir / "accuracy_matrix.png", title=method)
+    text = mx.format_summary([row]) + ("" if complete else "\n(partial: some cells of the matrix are missing)")
+    print(text)
+    if log is not None:
+        log.info("summary %s", {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return row

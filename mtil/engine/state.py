@@ -1,0 +1,41 @@
+"""TrainingState: the counters a checkpoint or a signal handler needs to know where a run stands."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainingState:
+    """Where a sequence run stands.
+
+    ``sequence`` lists every task of the run in order, including tasks finished by earlier processes of a
+    one-task-per-process chain (``completed`` holds those and this run's finished ones).
+    """
+
+    sequence: list[str]
+    completed: list[str] = field(default_factory=list)
+    step: int = 0  # optimiser steps done in the current task
+    total_steps: int = 0  # steps the current task runs
+    global_step: int = 0  # optimiser steps over all tasks
+    zero_shot_evaluated: bool = False
+    task_evaluated: bool = True  # the last completed task's matrix row is written
+
+    @property
+    def task_index(self) -> int:
+        """Index (in ``sequence``) of the task in progress or next to train."""
+        return len(self.completed)
+
+    @property
+    def current_task(self) -> str | None:
+        return self.sequence[self.task_index] if self.task_index < len(self.sequence) else None
+
+    @property
+    def finished(self) -> bool:
+        return self.task_index >= len(self.sequence) and self.task_evaluated
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingState":
+        return cls(**d)

@@ -1,0 +1,134 @@
+"""Train modes: which CLIP parameters train, and the classifier that turns images into class logits.
+
+| mode           | trains                                                             |
+| whole          | both encoders, embeddings and projections (not logit_scale)        |
+| image          | the image encoder only; text features are computed once, no grad   |
+| text           | the text encoder only; image features computed without gradient    |
+| image-fc       | image encoder + a linear head initialised from the zero-shot head x s |
+| image-fc-fixed | image encoder; that head frozen                                    |
+| fc             | the linear head only (image features computed once per task)       |
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from clip.model import CLIP
+
+from mtil.errors import UserError
+from mtil.models.text import tokenize, zeroshot_head
+
+TRAIN_MODES = ("whole", "image", "text", "image-fc", "image-fc-fixed", "fc")
+LINEAR_HEAD_MODES = ("image-fc", "image-fc-fixed", "fc")
+
+
+def is_image_param(name: str) -> bool:
+    return name.startswith("visual.")
+
+
+def is_text_param(name: str) -> bool:
+    return not is_image_param(name) and name != "logit_scale"
+
+
+def trains_image(mode: str) -> bool:
+    return mode in ("whole", "image", "image-fc", "image-fc-fixed")
+
+
+def trains_text(mode: str) -> bool:
+    return mode in ("whole", "text")
+
+
+def select_trainable(model: CLIP, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
+    """Set ``requires_grad`` per the mode (and ``--freeze`` patterns); returns the trainable parameter names."""
+    if mode not in TRAIN_MODES:
+        raise UserError(f"--train-mode {mode!r} is not a train mode; accepted: {', '.join(TRAIN_MODES)}")
+    patterns = list(freeze or [])
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UserError(f"--freeze pattern {pattern!r} matches no parameter (e.g. {names[1]}, {names[-2]})")
+    trainable = []
+    for name, param in model.named_parameters():
+        wanted = (trains_image(mode) and is_image_param(name)) or (trains_text(mode) and is_text_param(name))
+        wanted = wanted and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        param.requires_grad_(wanted)
+        if wanted:
+            trainable.append(name)
+    return trainable
+
+
+def image_features(model: CLIP, images: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        return F.normalize(model.encode_image(images), dim=-1)
+
+
+class PromptClassifier(nn.Module):
+    """Logits ``s * f_I(x) . f_T(prompt_c)`` with the first template's prompts (whole, image, text modes).
+
+    When the text encoder is frozen the class text features are computed once, here, without gradient.
+    """
+
+    def __init__(self, model: CLIP, classnames: Sequence[str], template: str, mode: str):
+        super().__init__()
+        self.model = model
+        self.mode = mode
+        device = next(model.parameters()).device
+        self.register_buffer("tokens", tokenize(model, [template.format(c) for c in classnames]).to(device),
+                             persistent=False)
+        self._frozen_text: torch.Tensor | None = None
+        if not trains_text(mode):
+            with torch.no_grad():
+                self._frozen_text = F.normalize(model.encode_text(self.tokens), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        if self._frozen_text is not None:
+            return self._frozen_text
+        return F.normalize(self.model.encode_text(self.tokens), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = image_features(self.model, images, with_grad=trains_image(self.mode))
+        return self.model.logit_scale.exp().detach() * feats @ self.text_features().T
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on normalised image features, initialised from the zero-shot head times s."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+
+    @classmethod
+    def from_zeroshot(cls, model: CLIP, classnames: Sequence[str], templates: Sequence[str]) -> "LinearHead":
+        head = zeroshot_head(model, classnames, templates)  # D x C, normalised columns
+        return cls(model.logit_scale.exp().detach().cpu() * head.T.cpu()).to(head.device)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+class LinearHeadClassifier(nn.Module):
+    """Image encoder (trainable or not) followed by a :class:`LinearHead` (image-fc, image-fc-fixed modes)."""
+
+    def __init__(self, model: CLIP, head: LinearHead, mode: str):
+        super().__init__()
+        self.model, self.head, self.mode = model, head, mode
+        head.requires_grad_(mode != "image-fc-fixed")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(image_features(self.model, images, with_grad=trains_image(self.mode)))
+
+
+def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen, params = set(), []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
