@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mtil.main --model tiny-vit --eval-only --save ckpt/demo
+	$(PY) -m mtil.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -10,6 +10,12 @@ from mtil.datasets import registry
 from mtil.models import clip_loading
 
 
+def pytest_configure(config):
+    # The models under test are tiny: one intra-op thread is as fast on an idle CPU and far faster on a busy one
+    # (OpenMP threads spin-waiting for a core made single forward passes 100x slower on a loaded 2-core machine).
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dataset_cache():
     """``open_dataset`` caches opened datasets per process: every test starts and ends with an empty cache."""

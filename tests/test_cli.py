@@ -10,7 +10,6 @@ import sys
 import urllib.error
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from mtil.main import main

@@ -149,7 +149,8 @@ def _check_task(task, num_classes: int, *, pixels: bool, full_test: bool) -> Non
 
 def test_every_torchvision_set_has_a_fixture_here():
     registry.find_entry("CIFAR10")  # fills the registry
-    registered = {name for name, entry in registry.REGISTRY.items() if entry.open.__module__.endswith("torchvision_sets")}
+    registered = {name for name, entry in registry.REGISTRY.items()
+                  if entry.open.__module__ == "mtil.datasets.torchvision_sets"}
     assert registered == TORCHVISION_SETS
     assert TORCHVISION_SETS | {"ImageNet"} == set(SPECS)
 
@@ -286,9 +287,13 @@ def test_missing_data_is_a_user_error(tmp_path, name, exists):
     assert not registry._OPEN  # a failure is not cached
 
 
-@pytest.mark.xfail(strict=True, reason="mtil bug: StanfordCars is registered downloadable=True although its "
-                                       "layout text says torchvision's download is broken, so the error advises "
-                                       "--download anyway (torchvision_sets.py, @register('StanfordCars', ...))")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="mtil bug: StanfordCars is registered downloadable=True although its "
+    "layout text says torchvision's download is broken, so the error advises "
+    "--download anyway (torchvision_sets.py, @register('StanfordCars', ...))",
+)
 def test_stanford_cars_missing_does_not_advise_download(tmp_path):
     with pytest.raises(UserError) as info:
         open_dataset("StanfordCars", tmp_path)
@@ -306,9 +311,13 @@ def test_missing_image_folder(tmp_path):
         open_dataset(f"ImageFolder:{path}", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="mtil bug: Caltech101/EuroSAT look class folders up in fixed dicts; an extra "
-                                       "folder (e.g. a stray copy or .DS_Store for Caltech101) raises KeyError, "
-                                       "which open_dataset does not turn into a UserError (traceback)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=KeyError,
+    reason="mtil bug: Caltech101/EuroSAT look class folders up in fixed dicts; an extra "
+    "folder (e.g. a stray copy or .DS_Store for Caltech101) raises KeyError, "
+    "which open_dataset does not turn into a UserError (traceback)",
+)
 @pytest.mark.parametrize("name", ["Caltech101", "EuroSAT"])
 def test_unknown_class_folder_is_a_user_error(tmp_path, name):
     if name == "Caltech101":

@@ -286,7 +286,13 @@ class SequenceRunner:
         path = self.save_dir / "accuracy_matrix.csv"
         if not path.is_file():
             return
-        write_reports(self.save_dir, self.config.method, mx.read_matrix(path), run.state.sequence, run.log)
+        long = mx.read_matrix(path)
+        trained = [name for name in run.state.sequence if name not in CAPTION_DATASETS]
+        if not trained:  # e.g. contrastive pre-training: the matrix shows zero-shot ability before and after
+            datasets = list(dict.fromkeys(long["dataset"]))
+            print(mx.to_wide(long, datasets).round(2).to_string())
+            return
+        write_reports(self.save_dir, self.config.method, long, trained, run.log)
 
 
 def write_reports(save_dir: Path, method: str, long, order: list[str], log: logging.Logger | None = None) -> dict:
