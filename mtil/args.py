@@ -6,6 +6,7 @@ disagreed, and researchers' scripts use both.
 from __future__ import annotations
 
 import argparse
+import string
 import sys
 from typing import Sequence
 
@@ -159,8 +160,18 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
-    if args.prompt.count("{}") != 1:
-        raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes), got {args.prompt!r}")
+    if not is_template(args.prompt):
+        raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
+                        f"braces, got {args.prompt!r}")
+
+
+def is_template(text: str) -> bool:
+    """True when ``text.format(name)`` works and inserts ``name`` exactly once."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError:
+        return False
+    return fields == [""]
 
 
 def arguments_markdown() -> str:

@@ -119,13 +119,6 @@ def test_bad_flags_never_reach_the_jobs(monkeypatch, capsys):
     _assert_one_line_error(capsys, ["--batch-size-eval", "0"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="mtil bug: --prompt is only checked for '{}' count; other format fields "
-    "such as '{x}' pass validation and crash str.format with a KeyError "
-    "traceback in classify_image (mtil/evaluation/single_image.py)",
-)
 def test_prompt_with_another_format_field_is_a_one_line_error(tmp_path, capsys):
     image = tmp_path / "x.png"
     from PIL import Image

@@ -247,13 +247,6 @@ def test_resolve_device():
         clip_loading.resolve_device("bogus")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="mtil bug: model_from_state_dict lets load_state_dict's RuntimeError "
-    "(size mismatch) escape when a checkpoint's 'arch' disagrees with its "
-    "weights: a traceback instead of a UserError",
-)
 def test_checkpoint_with_wrong_arch_is_a_user_error(tmp_path, micro):
     path = tmp_path / "mismatch.pt"
     torch.save({"format": "mtil-checkpoint", "arch": TINY_ARCHITECTURES["tiny-vit"].to_dict(),
@@ -262,13 +255,6 @@ def test_checkpoint_with_wrong_arch_is_a_user_error(tmp_path, micro):
         load_clip(str(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="mtil bug: architecture_from_state_dict raises KeyError on an incomplete "
-    "state dict that has 'text_projection' (read_weights_file's only check): "
-    "a traceback instead of a UserError",
-)
 def test_incomplete_state_dict_is_a_user_error(tmp_path, micro):
     sd = {k: v for k, v in micro.model.state_dict().items() if not k.startswith("visual.")}
     path = tmp_path / "text_only.pt"

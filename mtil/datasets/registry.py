@@ -39,6 +39,7 @@ def register_pattern(pattern: str):
 
 
 def dataset_names() -> list[str]:
+    _ensure_loaded()
     return sorted(REGISTRY)
 
 
@@ -66,7 +67,8 @@ def open_dataset(name: str, location: str | Path = "data", download: bool = Fals
         try:
             data = entry.open(Path(location), download)
             # Touch the test split now, so missing data is reported here and not deep inside a loop.
-            data.raw("test")
+            if len(data.raw("test")) == 0:
+                raise UserError(f"{name} under {location} has no test images (expected {entry.layout})")
         except UserError:
             raise
         except (RuntimeError, FileNotFoundError, OSError) as exc:

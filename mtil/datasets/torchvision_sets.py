@@ -33,30 +33,30 @@ def aircraft(root: Path, download: bool) -> TaskData:
 def caltech101(root: Path, download: bool) -> TaskData:
     full = tv.Caltech101(root, target_type="category", download=download)
     splits = seeded_split(full)
-    return _task("Caltech101", [names.CALTECH101_READABLE[c] for c in full.categories],
+    return _task("Caltech101", [names.CALTECH101_READABLE.get(c, names.readable(c)) for c in full.categories],
                  {s: (lambda d=d: d) for s, d in splits.items()})
 
 
-def _cifar(name: str, cls, classnames: list[str], layout_root: Path, download: bool) -> TaskData:
+def _cifar(name: str, cls, layout_root: Path, download: bool) -> TaskData:
     train = cls(layout_root, train=True, download=download)
-    return _task(name, classnames, {"train": lambda: train,
+    return _task(name, [names.readable(c) for c in train.classes], {"train": lambda: train,
                                     "test": lambda: cls(layout_root, train=False, download=download)})
 
 
 @register("CIFAR10", "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}")
 def cifar10(root: Path, download: bool) -> TaskData:
-    return _cifar("CIFAR10", tv.CIFAR10, names.CIFAR10_CLASSNAMES, root, download)
+    return _cifar("CIFAR10", tv.CIFAR10, root, download)
 
 
 @register("CIFAR100", "cifar-100-python/{train, test, meta}")
 def cifar100(root: Path, download: bool) -> TaskData:
-    return _cifar("CIFAR100", tv.CIFAR100, names.CIFAR100_CLASSNAMES, root, download)
+    return _cifar("CIFAR100", tv.CIFAR100, root, download)
 
 
 @register("DTD", "dtd/dtd/{images/<texture>/*.jpg, labels/train1.txt, labels/test1.txt}")
 def dtd(root: Path, download: bool) -> TaskData:
     train = tv.DTD(root, split="train", partition=1, download=download)
-    return _task("DTD", names.DTD_CLASSNAMES, {
+    return _task("DTD", [names.readable(c) for c in train.classes], {
         "train": lambda: train,
         "test": lambda: tv.DTD(root, split="test", partition=1, download=download),
     })
@@ -66,7 +66,7 @@ def dtd(root: Path, download: bool) -> TaskData:
 def eurosat(root: Path, download: bool) -> TaskData:
     full = tv.EuroSAT(root, download=download)
     splits = seeded_split(full)
-    return _task("EuroSAT", [names.EUROSAT_READABLE[c] for c in full.classes],
+    return _task("EuroSAT", [names.EUROSAT_READABLE.get(c, names.readable(c)) for c in full.classes],
                  {s: (lambda d=d: d) for s, d in splits.items()})
 
 
@@ -108,7 +108,8 @@ def oxford_pet(root: Path, download: bool) -> TaskData:
 
 @register("StanfordCars", "stanford_cars/{cars_train/, cars_test/, devkit/cars_meta.mat, "
                           "devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat} (torchvision's "
-                          "download is broken upstream: get the files from a mirror and place them so)")
+                          "download is broken upstream: get the files from a mirror and place them so)",
+          downloadable=False)
 def stanford_cars(root: Path, download: bool) -> TaskData:
     train = tv.StanfordCars(root, split="train", download=download)
     return _task("StanfordCars", list(train.classes), {

@@ -232,11 +232,21 @@ class SequenceRunner:
         task.scheduler = warmup_cosine(task.optimizer, settings.warmup_length, task.total_steps)
         return task
 
+    def _text_changes(self) -> bool:
+        return trains_text(self.config.train_mode) or self.method.trains_logit_scale
+
+    def _evaluate_mid_task(self, run: Run) -> list[dict]:
+        run.evaluator.model_changed(text_changed=self._text_changes())  # cached heads predate these steps
+        return self.evaluate_row(run, None)
+
     def _train_one_task(self, run: Run) -> None:
         state = run.state
         task = self._start_task(run)
         resuming_mid_task = self.resumed is not None and state.step > 0 and "optimizer" in self.resumed
         if resuming_mid_task:
+            # base.py's contract: on a mid-task resume the method state overrides what before_task rebuilt.
+            for component in self.components:
+                component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
             task.optimizer.load_state_dict(self.resumed["optimizer"])
             task.scheduler.load_state_dict(self.resumed["scheduler"])
             restore_rng(self.resumed["rng"])
@@ -247,14 +257,13 @@ class SequenceRunner:
         stream_id = state.task_index
         train_steps(run, task, self.components, stream_id, stop=self.stop,
                     save_latest=lambda: self.save_latest(run),
-                    evaluate_mid_task=lambda: self.evaluate_row(run, None))
+                    evaluate_mid_task=lambda: self._evaluate_mid_task(run))
         for component in self.components:
             component.after_task(run, task)
         state.completed.append(task.name)
         state.step = 0
         state.task_evaluated = False
-        run.evaluator.model_changed(text_changed=trains_text(self.config.train_mode)
-                                    or self.method.trains_logit_scale)
+        run.evaluator.model_changed(text_changed=self._text_changes())
         if self.save_dir is not None:
             payload = self._payload(run, with_optimizer=False)
             save_checkpoint(self.save_dir / f"{safe_name(task.name)}.pth", payload)

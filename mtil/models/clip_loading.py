@@ -123,10 +123,17 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 
 def model_from_state_dict(state_dict: dict[str, torch.Tensor], arch: Architecture | None = None) -> CLIP:
-    arch = arch or architecture_from_state_dict(state_dict)
+    try:
+        arch = arch or architecture_from_state_dict(state_dict)
+    except KeyError as exc:
+        raise UserError(f"weights are not a complete CLIP state dict (no {exc.args[0]!r})") from None
     model = build_clip(arch)
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:120])
+        raise UserError(f"weights do not fit the CLIP architecture: {first}") from None
     if missing or unexpected:
         raise UserError(
             f"weights do not fit the CLIP architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"

@@ -1,0 +1,301 @@
+"""Exact resume: a run stopped anywhere and re-run with the same command ends exactly as an uninterrupted run.
+
+How the interruptions are simulated (in-process, so they are cheap and deterministic):
+
+* "stopped after its first task": ``SequenceRunner.evaluate_row`` is wrapped so that, after writing the
+  after-task-1 row, it raises. On disk is then what a kill at that moment leaves: ``ToyShape.pth`` and a
+  ``latest.pth`` saved at the task's end (its row marked not yet written), rows 0 and 1 of the matrix.
+* "killed mid-task": with ``--checkpoint-interval 2`` the method's ``after_step`` hook raises ``SystemExit`` at
+  step 5 of task 2, i.e. after step 4's checkpoint was written and step 5's update was made in memory only.
+  The loop never gets to save again, so the files are exactly what a SIGKILL after step 5 leaves.
+
+The real signal path (SIGUSR1 -> save at the next step -> exit 3) is tested once with a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from mtil.engine.sequence import SequenceRunner
+from mtil.evaluation import matrix as mx
+from mtil.main import main
+from mtil.methods.finetune import Finetune
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COMMAND = ["--model", "micro-vit", "--train-dataset", "ToyShape,ToyColor", "--iterations", "6",
+           "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "2", "--max-evaluation-size", "24",
+           "--batch-size-eval", "24", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The test machine has 2 shared cores: two OpenMP threads fighting other processes make a step 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def command(save: Path, *extra: str) -> list[str]:
+    return [*COMMAND, *extra, "--save", str(save)]
+
+
+@contextmanager
+def optimizer_steps():
+    """Every optimiser step taken inside the block (a global post-step hook)."""
+    calls: list[torch.optim.Optimizer] = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(opt))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def outcome(save: Path) -> dict:
+    """What a finished run leaves that must not depend on interruptions."""
+    matrix = mx.read_matrix(save / "accuracy_matrix.csv")
+    cells, order = mx.matrix_from_results(save / "results.jsonl")  # full-precision values, last per cell
+    checkpoints = {name: load(save / name) for name in ("ToyShape.pth", "ToyColor.pth", "latest.pth")}
+    return {"matrix": matrix, "cells": cells, "order": order, "checkpoints": checkpoints}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+
+
+def assert_same_outcome(got: dict, want: dict) -> None:
+    pd.testing.assert_frame_equal(got["matrix"], want["matrix"], check_exact=True)
+    pd.testing.assert_frame_equal(got["cells"], want["cells"], check_exact=True)
+    assert got["order"] == want["order"] == ["ToyShape", "ToyColor"]
+    for name, ckpt in want["checkpoints"].items():
+        other = got["checkpoints"][name]
+        assert_same_tensors(other["model"], ckpt["model"], f"{name} weights")
+        assert other["state"] == ckpt["state"], name
+        assert other["iteration"] == ckpt["iteration"], name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (a)."""
+    save = tmp_path_factory.mktemp("reference") / "run"
+    with optimizer_steps() as steps:
+        assert main(command(save)) == 0
+    assert len(steps) == 12
+    result = outcome(save)
+    assert len(result["matrix"]) == 6  # rows 0, 1, 2 x two datasets
+    assert result["checkpoints"]["latest.pth"]["state"]["completed"] == ["ToyShape", "ToyColor"]
+    return result
+
+
+class StopHere(Exception):
+    pass
+
+
+def test_uninterrupted_run_is_reproducible_and_trains(reference, tmp_path):
+    """(a) is deterministic, and the model actually moved (else the resume comparisons would prove nothing)."""
+    first, last = reference["checkpoints"]["ToyShape.pth"]["model"], reference["checkpoints"]["ToyColor.pth"]["model"]
+    assert not torch.equal(first["visual.conv1.weight"], last["visual.conv1.weight"])
+    assert main(command(tmp_path / "again")) == 0
+    assert_same_outcome(outcome(tmp_path / "again"), reference)
+
+
+def test_stopped_after_first_task_then_rerun_matches(reference, tmp_path, monkeypatch, capsys):
+    """(b) Stopped right after task 1's row was written; the same command finishes the run identically.
+    Then a re-run of the finished run only reports it and changes nothing."""
+    save = tmp_path / "run"
+    original = SequenceRunner.evaluate_row
+
+    def evaluate_then_stop(self, run, after_task):
+        rows = original(self, run, after_task)
+        if after_task == 1:
+            raise StopHere
+        return rows
+
+    with monkeypatch.context() as m:
+        m.setattr(SequenceRunner, "evaluate_row", evaluate_then_stop)
+        with pytest.raises(StopHere):
+            main(command(save))
+    latest = load(save / "latest.pth")
+    assert latest["state"]["completed"] == ["ToyShape"] and latest["state"]["step"] == 0
+    assert "optimizer" not in latest
+    assert not (save / "ToyColor.pth").exists()
+
+    with optimizer_steps() as steps:
+        assert main(command(save)) == 0
+    assert len(steps) == 6  # only task 2 was trained again
+    assert_same_outcome(outcome(save), reference)
+
+    # A finished run: re-running reports it and changes nothing.
+    capsys.readouterr()
+    before = {name: (save / name).read_bytes() for name in ("accuracy_matrix.csv", "results.jsonl", "latest.pth",
+                                                            "ToyColor.pth", "metrics_ToyShape.csv")}
+    with optimizer_steps() as steps:
+        assert main(command(save)) == 0
+    assert steps == []
+    assert "already holds this finished run" in capsys.readouterr().out
+    for name, content in before.items():
+        assert (save / name).read_bytes() == content, f"{name} changed by re-running a finished run"
+
+
+def test_killed_mid_task_then_rerun_matches(reference, tmp_path, monkeypatch, capsys):
+    """(c) Killed at step 5 of task 2 (last checkpoint: step 4). Another configuration is refused; the same
+    command resumes from step 4 and ends identically; --force-resume resumes with another configuration."""
+    save = tmp_path / "run"
+    original = Finetune.after_step
+
+    def after_step_then_die(self, run):
+        original(self, run)
+        if run.state.completed == ["ToyShape"] and run.state.step == 5:
+            raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(Finetune, "after_step", after_step_then_die)
+        with pytest.raises(SystemExit):
+            main(command(save))
+    latest = load(save / "latest.pth")
+    assert latest["state"]["completed"] == ["ToyShape"]
+    assert latest["state"]["step"] == 4 and latest["iteration"] == 10
+    assert "optimizer" in latest and "scheduler" in latest
+
+    # A different configuration on this unfinished run: refused with one line, nothing touched.
+    capsys.readouterr()
+    latest_bytes = (save / "latest.pth").read_bytes()
+    assert main(command(save, "--lr", "2e-3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtil: error:") and err.strip().count("\n") == 0
+    assert "--force-resume" in err and "lr" in err
+    assert (save / "latest.pth").read_bytes() == latest_bytes
+
+    forced = tmp_path / "forced"
+    shutil.copytree(save, forced)
+
+    with optimizer_steps() as steps:
+        assert main(command(save)) == 0
+    assert len(steps) == 2  # steps 5 and 6 of task 2
+    assert "resuming ToyColor at step 4/6" in capsys.readouterr().out
+    assert_same_outcome(outcome(save), reference)
+
+    with optimizer_steps() as steps:
+        assert main(command(forced, "--lr", "2e-3", "--force-resume")) == 0
+    assert len(steps) == 2
+    assert "--force-resume" in capsys.readouterr().out
+    done = load(forced / "latest.pth")
+    assert done["state"]["completed"] == ["ToyShape", "ToyColor"]
+    assert done["config"]["lr"] == 2e-3
+
+
+class StepCounter(Finetune):
+    """Fine-tuning with a per-task state that ``before_task`` resets (as OGD/EWC-like methods do)."""
+
+    name = "counting"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.steps_in_task = 0
+        self.tasks_started = 0
+
+    def before_task(self, run, task):
+        super().before_task(run, task)
+        self.steps_in_task = 0
+        self.tasks_started += 1
+
+    def after_step(self, run):
+        super().after_step(run)
+        self.steps_in_task += 1
+
+    def state_dict(self):
+        return {"steps_in_task": self.steps_in_task, "tasks_started": self.tasks_started}
+
+    def load_state_dict(self, state):
+        self.steps_in_task = state.get("steps_in_task", 0)
+        self.tasks_started = state.get("tasks_started", 0)
+
+
+def test_method_state_survives_a_mid_task_resume(tmp_path, monkeypatch):
+    """base.py: on a mid-task resume ``load_state_dict`` comes after ``before_task`` (overriding its reset)."""
+    from mtil import methods
+
+    monkeypatch.setitem(methods.METHODS, "counting", StepCounter)
+    save = tmp_path / "run"
+    argv = ["--model", "micro-vit", "--method", "counting", "--train-dataset", "ToyShape", "--iterations", "4",
+            "--batch-size", "4", "--warmup-length", "1", "--lr", "1e-3", "--eval-datasets", "ToyShape",
+            "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2",
+            "--save", str(save)]
+    original = StepCounter.after_step
+
+    def die_at_3(self, run):
+        original(self, run)
+        if run.state.step == 3:
+            raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(StepCounter, "after_step", die_at_3)
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert load(save / "latest.pth")["methods"]["counting"] == {"steps_in_task": 2, "tasks_started": 1}
+    assert main(argv) == 0
+    assert load(save / "ToyShape.pth")["methods"]["counting"] == {"steps_in_task": 4, "tasks_started": 1}
+
+
+def test_sigusr1_saves_exits_3_and_the_rerun_matches(tmp_path):
+    """The real preemption path in a subprocess: SIGUSR1 -> checkpoint at the next step -> exit 3; re-running
+    the same command resumes and ends as an uninterrupted (in-process) run of that command."""
+    argv = ["--model", "micro-vit", "--train-dataset", "ToyShape", "--iterations", "60", "--batch-size", "4",
+            "--lr", "1e-3", "--warmup-length", "2", "--eval-datasets", "ToyShape", "--max-evaluation-size", "8",
+            "--workers", "0", "--device", "cpu", "--checkpoint-interval", "0"]
+    save = tmp_path / "preempted"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"  # as in this process (see _one_torch_thread): same kernels, same numbers
+    full = [sys.executable, "-m", "mtil.main", *argv, "--save", str(save)]
+
+    proc = subprocess.Popen(full, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # latest.pth first appears right after the zero-shot row, i.e. once training is about to start.
+        while not (save / "latest.pth").is_file():
+            assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.stdout.read()}"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, out
+    assert "SIGUSR1" in out
+    latest = load(save / "latest.pth")
+    assert 0 < latest["state"]["step"] < 60, latest["state"]
+    assert latest["state"]["completed"] == [] and "optimizer" in latest
+    assert not (save / "ToyShape.pth").exists()
+
+    done = subprocess.run(full, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming ToyShape at step {latest['state']['step']}/60" in done.stdout
+
+    straight = tmp_path / "straight"
+    assert main([*argv, "--save", str(straight)]) == 0
+    pd.testing.assert_frame_equal(mx.read_matrix(save / "accuracy_matrix.csv"),
+                                  mx.read_matrix(straight / "accuracy_matrix.csv"), check_exact=True)
+    assert_same_tensors(load(save / "ToyShape.pth")["model"], load(straight / "ToyShape.pth")["model"],
+                        "final weights")
