@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
     _add(g, "--method", default="finetune",
-         help="Training method: finetune, or contrastive (CLIP's image-text loss on a caption dataset).")
+         help="Training method: finetune, lwf, lwf-vr, ZSCL, icarl, or contrastive (CLIP's image-text loss on a "
+              "caption dataset, e.g. for pre-training).")
     _add(g, "--train-mode", default="whole",
          choices=["whole", "image", "text", "image-fc", "image-fc-fixed", "fc"],
          help="Which parts of CLIP train (see README: Train modes).")
@@ -98,6 +99,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--deterministic", action="store_true",
          help="Bitwise-reproducible kernels (torch.use_deterministic_algorithms); slower on GPU.")
 
+    g = parser.add_argument_group("Distillation (ZSCL, LwF, LwF-VR, iCaRL)",
+                                  "Reference data and losses of the distillation methods.")
+    _add(g, "--ref-dataset", default="ImageNet",
+         help="ZSCL's reference images: any registered dataset (ImageNet, ImageNetSubset:N, ...) or ToyCaptions.")
+    _add(g, "--ref-sentences", default="conceptual_captions",
+         help="ZSCL's reference sentences: conceptual_captions, random (10-token random sequences), ToyCaptions, "
+              "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
+    _add(g, "--ref-sentences-count", type=int, default=5000,
+         help="How many random-token / ToyCaptions sentences to draw (random, ToyCaptions, lwf-vr).")
+    _add(g, "--ref-sentences-per-step", type=int, default=64,
+         help="Reference sentences used at each step (sampled; the teacher's features are computed once per task).")
+    _add(g, "--ref-batch-size", type=int, default=None, help="Reference images per step (default: --batch-size).")
+    _add(g, "--ref-model", default=None,
+         help="ZSCL teacher weights (a file or model name) instead of the zero-shot model.")
+    _add(g, "--ref-wise", action="store_true",
+         help="ZSCL teacher = alpha * current + (1 - alpha) * zero-shot weights, rebuilt at each task start.")
+    _add(g, "--ref-wise-alpha", type=float, default=0.8, help="alpha of --ref-wise.")
+    _add(g, "--T", type=float, default=2.0, dest="T", help="Distillation temperature.")
+    _add(g, "--image-loss", action="store_true",
+         help="Distil over sentences (softmax per reference image). Without --image-loss and --text-loss both are on.")
+    _add(g, "--text-loss", action="store_true", help="Distil over reference images (softmax per sentence).")
+    _add(g, "--feature-mse", action="store_true", help="Add MSE between student and teacher reference image features.")
+    _add(g, "--image-image-loss", action="store_true",
+         help="Ablation: distil image-image similarities of the reference batch (diagonal masked).")
+    _add(g, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
+    _add(g, "--memory-size", type=int, default=2000, help="iCaRL: exemplars kept over all past tasks.")
+    _add(g, "--icarl-teacher", default="previous", choices=["previous", "zeroshot"],
+         help="iCaRL distillation teacher: the model from the end of the previous task, or the zero-shot model.")
+
+    g = parser.add_argument_group("Weight averaging and consolidation", "Components that combine with any method.")
+    _add(g, "--l2", type=float, default=0.0, help="Weight of the L2 penalty to the task-start weights (0: off).")
+    _add(g, "--we", action="store_true",
+         help="Weight ensembling: average the weights every --avg-freq steps; the task's result is the average.")
+    _add(g, "--avg-freq", type=int, default=100, help="Steps between weight-ensembling updates.")
+    _add(g, "--we-wise", action="store_true",
+         help="With --we: the result is alpha * average + (1 - alpha) * task-start weights.")
+    _add(g, "--we-wise-alpha", type=float, default=0.98, help="alpha of --we-wise.")
+    _add(g, "--ema", type=float, default=None, metavar="DECAY",
+         help="Exponential moving average of the weights with this decay (e.g. 0.999); the task's result is the EMA.")
+    _add(g, "--wise-merge", action="store_true",
+         help="WiSE-FT after each task: weights = alpha * trained + (1 - alpha) * reference (--wise-ref).")
+    _add(g, "--wise-ft-alpha", type=float, default=0.8, help="alpha of --wise-merge.")
+    _add(g, "--wise-ref", default="zeroshot", choices=["zeroshot", "start"],
+         help="Reference weights of --wise-merge: the zero-shot model or the task-start weights.")
+
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
     _add(g, "--checkpoint-interval", type=int, default=500,
          help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
@@ -118,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--prompt", default="a photo of a {}.",
          help="Prompt template for --eval-single; '{}' is replaced by the class name.")
     _add(g, "--batch-size-eval", type=int, default=128, help="Batch size for evaluation.")
+    _add(g, "--wise-ft", action="store_true",
+         help="With --eval-only --load CKPT: evaluate alpha * checkpoint + (1 - alpha) * zero-shot weights.")
+    _add(g, "--alpha", type=float, default=0.5, help="alpha of --wise-ft.")
     _add(g, "--eval-interval", type=int, default=None,
          help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
     _add(g, "--max-evaluation-size", type=int, default=None,
@@ -129,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags and check the combinations that argparse cannot express."""
+    """Parse flags, check the combinations that argparse cannot express, resolve defaults that depend on others."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     _validate(args)
+    if not args.image_loss and not args.text_loss:  # neither named: both distillation directions, as in ZSCL
+        args.image_loss = args.text_loss = True
     return args
 
 
@@ -150,6 +201,25 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.ls < 1:
         raise UserError(f"--ls (label smoothing) must be in [0, 1), got {args.ls}")
+    for flag in ("ref_wise_alpha", "we_wise_alpha", "wise_ft_alpha", "alpha"):
+        value = getattr(args, flag)
+        if not 0 <= value <= 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise UserError(f"--ema DECAY must be in (0, 1), e.g. 0.999, got {args.ema}")
+    for flag in ("avg_freq", "memory_size", "ref_sentences_count", "ref_sentences_per_step"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.l2 < 0:
+        raise UserError(f"--l2 must be 0 or more, got {args.l2}")
+    if args.T <= 0:
+        raise UserError(f"--T (temperature) must be positive, got {args.T}")
+    if args.we_wise and not args.we:
+        raise UserError("--we-wise modifies weight ensembling: give --we too")
+    if args.we and args.ema is not None:
+        raise UserError("--we and --ema both average the weights: choose one")
+    if args.wise_ft and not args.load:
+        raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
     if args.train_dataset and args.sequence:
         raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
     if args.batch_size_eval < 1:

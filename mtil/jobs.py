@@ -42,6 +42,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("; ".join(problems))
 
     iteration = int(loaded.checkpoint.get("iteration", 0))
+    if args.wise_ft:
+        _wise_ft(args, loaded)
     config = _resolved_config(args, loaded)
     evaluator = ZeroShotEvaluator(loaded.model, data_location=args.data_location, download=args.download,
                                   batch_size=args.batch_size_eval, workers=args.workers,
@@ -59,6 +61,20 @@ def evaluate(args: argparse.Namespace) -> int:
     else:
         print("(no metric files written: give --save DIR to keep them)")
     return 0
+
+
+def _wise_ft(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """Evaluation-time WiSE-FT: ``alpha * checkpoint + (1 - alpha) * zero-shot`` (zero-shot = the weights the
+    checkpoint's sequence started from when it records them, else ``--model``)."""
+    from mtil.engine.sequence import ZeroShotWeights
+    from mtil.methods.weight_averaging import interpolate, load_into
+
+    spec = (loaded.checkpoint.get("state") or {}).get("base") or {
+        "model": args.model, "load": None, "untrained": args.untrained, "seed": args.seed, "clip_root": args.clip_root}
+    zeroshot = ZeroShotWeights(spec, args)()
+    current = {n: p.detach() for n, p in loaded.model.named_parameters()}
+    load_into(loaded.model, interpolate(current, zeroshot, args.alpha))
+    loaded.source += f", WiSE-FT alpha {args.alpha} with zero-shot weights ({spec['load'] or spec['model']})"
 
 
 def eval_single(args: argparse.Namespace) -> int:

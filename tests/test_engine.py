@@ -257,7 +257,8 @@ def test_checkpoint_contents_chain_and_summarize(tmp_path, monkeypatch, capsys):
 
 def test_sequence_file_per_task_settings(tmp_path):
     sequence = tmp_path / "seq.yaml"
-    sequence.write_text("tasks:\n  - {dataset: ToyShape, lr: 2.0e-3, iterations: 2}\n  - ToyColor\n")
+    # "2e-3" is a string to YAML 1.1 (PyYAML): it must still be the number 0.002.
+    sequence.write_text("tasks:\n  - {dataset: ToyShape, lr: 2e-3, iterations: 2}\n  - ToyColor\n")
     with optimizer_steps() as calls:
         assert main([*FAST, "--sequence", str(sequence), "--iterations", "3", "--eval-datasets", "ToyShape",
                      "--save", str(tmp_path / "run")]) == 0
@@ -271,6 +272,9 @@ def test_sequence_file_per_task_settings(tmp_path):
     ("tasks: [ToyShape, {dataset: ToyColor\n", ["not valid YAML"]),
     ("tasks:\n  - {dataset: ToyShape, momentum: 0.9}\n", ["momentum", "lr"]),
     ("tasks: []\n", ["non-empty"]),
+    ("tasks:\n  - ToyShape\n  - {dataset: ToyColor, iterations: two}\n", ["task 2", "iterations", "'two'"]),
+    ("tasks:\n  - {dataset: ToyShape, iterations: 2, epochs: 1}\n", ["iterations", "epochs"]),
+    ("tasks:\n  - {dataset: ToyShape, lr: -1.0e-3}\n", ["lr", "positive"]),
 ])
 def test_bad_sequence_files_exit_2(tmp_path, capsys, text, words):
     sequence = tmp_path / "seq.yaml"

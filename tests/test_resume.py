@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from mtil.datasets.toyworld import ToyTaskDataset
 from mtil.engine.sequence import SequenceRunner
 from mtil.evaluation import matrix as mx
 from mtil.main import main
@@ -253,6 +254,35 @@ def test_method_state_survives_a_mid_task_resume(tmp_path, monkeypatch):
     assert load(save / "latest.pth")["methods"]["counting"] == {"steps_in_task": 2, "tasks_started": 1}
     assert main(argv) == 0
     assert load(save / "ToyShape.pth")["methods"]["counting"] == {"steps_in_task": 4, "tasks_started": 1}
+
+
+@pytest.mark.parametrize("mode", ["image-fc", "fc"])
+def test_linear_head_modes_resume_exactly(mode, tmp_path, monkeypatch):
+    """A learned head (and fc mode's cached features) survive a mid-task kill: same weights, same head."""
+    monkeypatch.setitem(ToyTaskDataset.default_sizes, "train", 48)
+    argv = ["--model", "micro-vit", "--train-mode", mode, "--train-dataset", "ToyShape", "--iterations", "4",
+            "--batch-size", "8", "--warmup-length", "1", "--lr", "1e-3", "--eval-datasets", "ToyShape",
+            "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2"]
+    assert main([*argv, "--save", str(tmp_path / "straight")]) == 0
+    original = Finetune.after_step
+
+    def die_at_3(self, run):
+        original(self, run)
+        if run.state.step == 3:
+            raise SystemExit(137)
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(Finetune, "after_step", die_at_3)
+        with pytest.raises(SystemExit):
+            main([*argv, "--save", str(killed)])
+    assert load(killed / "latest.pth")["state"]["step"] == 2
+    assert main([*argv, "--save", str(killed)]) == 0
+    want, got = load(tmp_path / "straight" / "ToyShape.pth"), load(killed / "ToyShape.pth")
+    assert_same_tensors(got["model"], want["model"], "weights")
+    assert_same_tensors(got["heads"]["ToyShape"], want["heads"]["ToyShape"], "head")
+    pd.testing.assert_frame_equal(mx.read_matrix(killed / "accuracy_matrix.csv"),
+                                  mx.read_matrix(tmp_path / "straight" / "accuracy_matrix.csv"), check_exact=True)
 
 
 def test_sigusr1_saves_exits_3_and_the_rerun_matches(tmp_path):

@@ -184,3 +184,18 @@ def test_contrastive_loss_falls_on_a_fixed_batch(micro):
     assert losses[-1] < 0.5 * losses[0], losses
     assert not torch.equal(model.logit_scale.detach(), scale)
     assert 0 <= model.logit_scale.item() <= 4.6052
+
+
+def test_linear_heads_carry_over_a_chain_of_one_task_runs(tmp_path):
+    """``--load`` of an mtil task checkpoint continues a chain: the heads learned so far come with the weights
+    (as in one process), so earlier tasks keep being evaluated with their learned heads."""
+    save = tmp_path / "chain"
+    common = [*FAST[:2], *FAST[4:], "--train-mode", "fc", "--iterations", "2", "--save", str(save)]
+    assert "--train-dataset" not in common
+    assert main([*common, "--train-dataset", "ToyShape"]) == 0
+    first = torch.load(save / "ToyShape.pth", weights_only=True)["heads"]
+    assert main([*common, "--train-dataset", "ToyColor", "--load", str(save / "ToyShape.pth")]) == 0
+    heads = torch.load(save / "ToyColor.pth", weights_only=True)["heads"]
+    assert set(heads) == {"ToyShape", "ToyColor"}
+    for key, value in first["ToyShape"].items():
+        assert torch.equal(heads["ToyShape"][key], value)

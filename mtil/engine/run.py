@@ -5,7 +5,7 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -58,3 +58,5 @@ class Run:
     log: logging.Logger
     heads: dict[str, LinearHead] = field(default_factory=dict)
     task: TaskContext | None = None
+    # () -> the zero-shot weights as a CPU state dict of parameters (teachers, WiSE references); set by the runner
+    zeroshot_state: Callable[[], dict[str, torch.Tensor]] = field(default=lambda: {}, repr=False)

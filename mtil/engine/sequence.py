@@ -36,7 +36,7 @@ from mtil.errors import UserError
 from mtil.evaluation import matrix as mx
 from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
-from mtil.methods import build_method
+from mtil.methods import build_components
 from mtil.methods.base import Method
 from mtil.models.architectures import Architecture
 from mtil.models.clip_loading import load_clip, model_from_state_dict, resolve_device
@@ -83,8 +83,8 @@ class SequenceRunner:
             raise UserError("nothing to train: give --train-dataset A,B,... (or a named order) or --sequence FILE")
         self.save_dir = Path(config.save) if config.save else None
         self.config_record = config_for_checkpoint(vars(config))
-        self.method: Method = build_method(config)
-        self.components: list[Method] = [self.method]
+        self.components: list[Method] = build_components(config)
+        self.method: Method = self.components[0]
         self.stop = StopFlag()
         self._check_data()
 
@@ -134,6 +134,7 @@ class SequenceRunner:
             model = model_from_state_dict(saved["model"], arch).to(device)
             state = TrainingState.from_dict(saved["state"])
             source = f"resumed from {self.save_dir / LATEST}"
+            heads = saved.get("heads", {})
         else:
             loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained,
                                load=config.load, device=device, seed=config.seed)
@@ -142,15 +143,18 @@ class SequenceRunner:
             completed = list(previous.get("completed", []))
             state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
                                   global_step=int(previous.get("global_step", 0)),
-                                  zero_shot_evaluated=bool(completed))
+                                  zero_shot_evaluated=bool(completed),
+                                  base=previous.get("base") or base_spec(config))
+            heads = loaded.checkpoint.get("heads") or {}  # a chain's --load: the heads learned so far
         evaluator = ZeroShotEvaluator(model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
                                       max_size=config.max_evaluation_size, seed=config.seed)
         run = Run(config, model, arch, device, state, evaluator, self.save_dir, log)
+        run.zeroshot_state = ZeroShotWeights(state.base, config)
         evaluator.learned_heads = run.heads
+        for name, head_state in heads.items():
+            run.heads[name] = LinearHead(head_state["linear.weight"], head_state["linear.bias"]).to(device)
         if self.resumed is not None:
-            for name, head_state in self.resumed.get("heads", {}).items():
-                run.heads[name] = LinearHead(head_state["linear.weight"], head_state["linear.bias"]).to(device)
             for component in self.components:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
         _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model {source}; "
@@ -302,6 +306,28 @@ class SequenceRunner:
             print(mx.to_wide(long, datasets).round(2).to_string())
             return
         write_reports(self.save_dir, self.config.method, long, trained, run.log)
+
+
+def base_spec(config: argparse.Namespace) -> dict:
+    """How to rebuild the zero-shot (pre-sequence) weights: recorded in the state, so that every link of a chain
+    and every resumed run refers to the same weights without storing a second copy in each checkpoint."""
+    return {"model": config.model, "load": config.load, "untrained": config.untrained, "seed": config.seed,
+            "clip_root": config.clip_root}
+
+
+class ZeroShotWeights:
+    """The zero-shot weights (CPU state dict), loaded on first use and kept."""
+
+    def __init__(self, spec: dict, config: argparse.Namespace):
+        self.spec, self.config, self._weights = spec, config, None
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            spec = self.spec
+            model = load_clip(spec["model"], clip_root=spec.get("clip_root") or self.config.clip_root,
+                              untrained=spec["untrained"], load=spec["load"], device="cpu", seed=spec["seed"]).model
+            self._weights = {n: p.detach() for n, p in model.named_parameters()}
+        return self._weights
 
 
 def write_reports(save_dir: Path, method: str, long, order: list[str], log: logging.Logger | None = None) -> dict:

@@ -19,6 +19,7 @@ class TrainingState:
     global_step: int = 0  # optimiser steps over all tasks
     zero_shot_evaluated: bool = False
     task_evaluated: bool = True  # the last completed task's matrix row is written
+    base: dict = field(default_factory=dict)  # how to rebuild the zero-shot weights (see sequence.base_spec)
 
     @property
     def task_index(self) -> int:

@@ -48,8 +48,33 @@ def read_sequence_file(path: str | Path) -> list[TaskSpec]:
         if unknown:
             raise UserError(f"--sequence file {path}: task {number} sets {unknown}; per-task settings "
                             f"accepted: {', '.join(TASK_SETTINGS)}")
+        overrides = {k: _setting(path, number, k, v) for k, v in overrides.items()}
+        if overrides.get("iterations") is not None and overrides.get("epochs") is not None:
+            raise UserError(f"--sequence file {path}: task {number} sets both iterations and epochs; give one")
         specs.append(TaskSpec(str(entry["dataset"]), overrides))
     return specs
+
+
+_FLOAT_SETTINGS = ("lr", "wd", "beta2", "ls")
+_POSITIVE_SETTINGS = ("lr", "iterations", "epochs", "batch_size")
+
+
+def _setting(path: Path, number: int, key: str, value: Any) -> Any:
+    """A per-task value as the number its flag takes (YAML reads ``5e-5`` as a string), checked like the flag."""
+    if value is None:
+        return None
+    kind = float if key in _FLOAT_SETTINGS else int
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        expected = "a number" if kind is float else "an integer"
+        raise UserError(f"--sequence file {path}: task {number} {key}: expected {expected}, got {value!r}") from None
+    if converted < 0 or (key in _POSITIVE_SETTINGS and converted == 0):
+        limit = "positive" if key in _POSITIVE_SETTINGS else "0 or more"
+        raise UserError(f"--sequence file {path}: task {number} {key} must be {limit}, got {value!r}")
+    return converted
 
 
 def resolve_tasks(config: argparse.Namespace) -> list[TaskSpec]:

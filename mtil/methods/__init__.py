@@ -1,4 +1,4 @@
-"""Training methods by name (``--method``)."""
+"""Training methods by name (``--method``) and the components that combine with them."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,43 @@ from mtil.errors import UserError
 from mtil.methods.base import Method
 from mtil.methods.contrastive import Contrastive
 from mtil.methods.finetune import Finetune
+from mtil.methods.icarl import ICaRL
+from mtil.methods.reference_distillation import ZSCL, LwF, LwFVR
+from mtil.methods.weight_averaging import ExponentialMovingAverage, L2Consolidation, WeightEnsemble, WiseMerge
 
-METHODS: dict[str, type[Method]] = {"finetune": Finetune, "contrastive": Contrastive}
+METHODS: dict[str, type[Method]] = {
+    "finetune": Finetune,
+    "lwf": LwF,
+    "lwf-vr": LwFVR,
+    "ZSCL": ZSCL,
+    "icarl": ICaRL,
+    "contrastive": Contrastive,
+}
 
 
 def build_method(config: argparse.Namespace) -> Method:
     if config.method not in METHODS:
         raise UserError(f"unknown --method {config.method!r}; accepted: {', '.join(METHODS)}")
     return METHODS[config.method](config)
+
+
+def build_components(config: argparse.Namespace) -> list[Method]:
+    """The method first, then the weight-space components its flags ask for (order matters at a task's end:
+    averaging produces the task's weights before a WiSE merge blends them)."""
+    method = build_method(config)
+    if config.method == "contrastive" and config.train_mode != "whole":
+        raise UserError("--method contrastive trains both encoders: use --train-mode whole")
+    if config.train_mode == "fc" and (config.l2 or config.we or config.ema is not None or config.wise_merge
+                                      or config.method not in ("finetune",)):
+        raise UserError("--train-mode fc trains only a linear head on frozen features: weight averaging, L2 and "
+                        "distillation methods do not apply (use --method finetune without them)")
+    components = [method]
+    if config.l2:
+        components.append(L2Consolidation(config))
+    if config.we:
+        components.append(WeightEnsemble(config))
+    if config.ema is not None:
+        components.append(ExponentialMovingAverage(config))
+    if config.wise_merge:
+        components.append(WiseMerge(config))
+    return components

@@ -40,7 +40,13 @@ class Finetune(Method):
     def train_items(self, run, task):
         if run.config.train_mode != "fc":
             return super().train_items(run, task)
-        return self._cached_features(run, task), None, None
+        # The engine asks twice per task (to size it, then to stream it): encode the images only the first time.
+        if getattr(self, "_features_of", None) is not task:
+            self._features, self._features_of = self._cached_features(run, task), task
+        return self._features, None, None
+
+    def after_task(self, run, task) -> None:
+        self._features = self._features_of = None  # free the cached features
 
     @torch.no_grad()
     def _cached_features(self, run, task) -> TensorDataset:

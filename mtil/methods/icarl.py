@@ -1,0 +1,112 @@
+"""iCaRL for CLIP: an exemplar memory within a fixed budget, filled by herding, and distillation on it.
+
+The memory holds at most ``--memory-size`` images over all past tasks: after each task every old task's share
+shrinks to ``memory_size // tasks_so_far`` (keeping its herding order, so the best exemplars stay) and the new task
+fills its share by herding. Exemplars are kept as (dataset, index) references, never as pixels. The loss is the
+current task's cross-entropy plus distillation on a batch of exemplars, the teacher being the model from the end
+of the previous task (``--icarl-teacher previous``) or the zero-shot model (``zeroshot``), over the class
+prompts of the remembered tasks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from mtil.datasets.registry import open_dataset
+from mtil.methods.distillation import frozen_copy
+from mtil.methods.reference_distillation import ReferenceDistillation
+from mtil.methods.weight_averaging import load_into
+from mtil.models.transforms import eval_transform
+
+
+@torch.no_grad()
+def herding(features: torch.Tensor, count: int) -> list[int]:
+    """Greedy herding: repeatedly pick the item that keeps the running mean of the chosen (normalised) features
+    closest to the mean of all features. Deterministic given the features."""
+    features = F.normalize(features.float(), dim=-1)
+    target = features.mean(dim=0)
+    chosen: list[int] = []
+    running = torch.zeros_like(target)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for k in range(1, min(count, len(features)) + 1):
+        candidates = (running.unsqueeze(0) + features) / k
+        distances = (candidates - target).norm(dim=1)
+        distances[~available] = float("inf")
+        best = int(distances.argmin())
+        chosen.append(best)
+        available[best] = False
+        running += features[best]
+    return chosen
+
+
+class ICaRL(ReferenceDistillation):
+    name = "icarl"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.memory: dict[str, list[int]] = {}  # task -> indices into its training split, best first
+        self.feature_passes = 0
+
+    def make_teacher(self, run, task):
+        teacher = frozen_copy(run.model)
+        if self.config.icarl_teacher == "zeroshot":
+            load_into(teacher, run.zeroshot_state())
+        return teacher
+
+    def reference_images(self, run, task):
+        parts = [Subset(open_dataset(name, self.config.data_location, self.config.download).raw("train"), idx)
+                 for name, idx in self.memory.items() if idx]
+        return ConcatDataset(parts) if parts else None
+
+    def reference_sentences(self, run, task):
+        names = list(self.memory) or [task.name]
+        sentences = []
+        for name in names:
+            data = open_dataset(name, self.config.data_location, self.config.download)
+            sentences += [data.templates[0].format(c) for c in data.classnames]
+        return sentences
+
+    def after_task(self, run, task) -> None:
+        super().after_task(run, task)
+        budget = self.config.memory_size
+        share = budget // (len(self.memory) + (task.name not in self.memory))
+        for name in self.memory:
+            self.memory[name] = self.memory[name][:share]
+        self.memory[task.name] = self._select(run, task, share)
+        assert sum(len(v) for v in self.memory.values()) <= budget
+
+    @torch.no_grad()
+    def _select(self, run, task, share: int) -> list[int]:
+        """Herding per class over batched, no-grad features of the task's training images."""
+        dataset = task.data.dataset("train", eval_transform(run.model.visual.input_resolution))
+        loader = DataLoader(dataset, batch_size=self.config.batch_size_eval, num_workers=self.config.workers)
+        was_training = run.model.training
+        run.model.eval()
+        features = torch.cat([run.model.encode_image(x.to(run.device)).float().cpu() for x, _ in loader])
+        run.model.train(was_training)
+        self.feature_passes += 1
+        targets = np.array(task.data.targets("train"))
+        classes = np.unique(targets)
+        per_class = [share // len(classes) + (1 if i < share % len(classes) else 0) for i in range(len(classes))]
+        picks_by_class = []
+        for c, quota in zip(classes, per_class):
+            members = np.flatnonzero(targets == c)
+            order = herding(features[members], quota)
+            picks_by_class.append([int(members[i]) for i in order])
+        # interleave classes, so that truncating the list later keeps the classes balanced
+        chosen = []
+        for rank in range(max((len(p) for p in picks_by_class), default=0)):
+            chosen += [p[rank] for p in picks_by_class if rank < len(p)]
+        return chosen[:share]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": {k: list(v) for k, v in self.memory.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "memory" in state:
+            self.memory = {k: list(v) for k, v in state["memory"].items()}
+        super().load_state_dict(state)

@@ -1,0 +1,248 @@
+"""ZSCL, LwF, LwF-VR and iCaRL: fine-tuning plus distillation from a frozen teacher on reference data.
+
+Each step draws a batch ``x_ref`` of reference images and ``k`` reference sentences; with the teacher's sentence
+features ``R_t`` (computed once per task) and the student's ``R_s`` (with gradient when the text encoder trains):
+
+    P_t = s * f_I^teacher(x_ref) . R_t^T        P_s = s * f_I^student(x_ref) . R_s^T
+    image loss = distill(P_t, P_s, T)            (softmax over sentences)
+    text loss  = distill(P_t^T, P_s^T, T)        (softmax over reference images)
+
+The subclasses differ only in the teacher, the reference images and the sentences.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
+from mtil.datasets.registry import open_dataset
+from mtil.datasets.sentences import conceptual_captions, toy_captions
+from mtil.engine.data_stream import _mix, batch_stream
+from mtil.errors import UserError
+from mtil.methods.distillation import SentenceFeatures, distill, frozen_copy, random_token_sentences
+from mtil.methods.finetune import Finetune
+from mtil.methods.weight_averaging import interpolate, load_into
+from mtil.models.text import tokenize
+from mtil.models.train_modes import trains_text
+from mtil.models.transforms import eval_transform
+
+REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
+
+
+class _Images(Dataset):
+    """(image, label) -> image, and (image, caption) -> image: reference images need no labels."""
+
+    def __init__(self, raw: Dataset):
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int):
+        return self.raw[index][0], 0
+
+
+class ReferenceDistillation(Finetune):
+    """Fine-tuning + distillation on reference data; subclasses choose teacher, images and sentences."""
+
+    name = "reference-distillation"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.teacher = None
+        self.sentences: list[str] | torch.Tensor | None = None
+        self.teacher_text = SentenceFeatures()
+        self._student_text_frozen: torch.Tensor | None = None
+        self._ref_iter = None
+        self.weight = 0.5 if config.weight_adjust else 1.0
+
+    # --- what subclasses choose ------------------------------------------------------------
+    def make_teacher(self, run, task):
+        raise NotImplementedError
+
+    def reference_images(self, run, task) -> Dataset | None:
+        raise NotImplementedError
+
+    def reference_sentences(self, run, task) -> list[str] | torch.Tensor:
+        raise NotImplementedError
+
+    # --- hooks ------------------------------------------------------------------------------
+    def before_task(self, run, task) -> None:
+        super().before_task(run, task)
+        self.teacher = self.make_teacher(run, task)
+        self.sentences = self.reference_sentences(run, task)
+        self.teacher_text.compute(self.teacher, self.sentences, run.model.context_length)
+        self._student_text_frozen = None
+        if not trains_text(run.config.train_mode):  # the student's text side is fixed too: encode once
+            self._student_text_frozen = SentenceFeatures().compute(run.model, self.sentences,
+                                                                   run.model.context_length)
+        self._ref_iter = None
+        self._ref_data = self.reference_images(run, task)
+
+    def _next_reference_batch(self, run) -> torch.Tensor | None:
+        if self._ref_data is None or len(self._ref_data) == 0:
+            return None
+        if self._ref_iter is None:
+            task = run.task
+            loader = batch_stream(_Images(self._ref_data), eval_transform(run.model.visual.input_resolution),
+                                  batch_size=self.config.ref_batch_size or task.settings.batch_size,
+                                  seed=self.config.seed, stream=REF_STREAM_OFFSET + run.state.task_index,
+                                  start_step=run.state.step, total_steps=task.total_steps,
+                                  workers=self.config.workers, pin_memory=run.device.type == "cuda")
+            self._ref_iter = iter(loader)
+        images, _ = next(self._ref_iter)
+        return images.to(run.device, non_blocking=True)
+
+    def _sentence_indices(self, run) -> torch.Tensor:
+        total = len(self.sentences)
+        k = min(total, self.config.ref_sentences_per_step)
+        if k == total:
+            return torch.arange(total)
+        generator = torch.Generator().manual_seed(_mix(self.config.seed, run.state.task_index, run.state.step, 7))
+        return torch.randperm(total, generator=generator)[:k]
+
+    def _student_text(self, run, indices: torch.Tensor) -> torch.Tensor:
+        if self._student_text_frozen is not None:
+            return self._student_text_frozen[indices.to(self._student_text_frozen.device)]
+        if isinstance(self.sentences, torch.Tensor):
+            tokens = _wrap_tokens(self.sentences[indices], run.model.context_length)
+        else:
+            tokens = tokenize(run.model, [self.sentences[i] for i in indices.tolist()])
+        return F.normalize(run.model.encode_text(tokens.to(run.device)), dim=-1)
+
+    def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
+        losses = super().loss(run, batch)
+        x_ref = self._next_reference_batch(run)
+        if x_ref is None:
+            return losses
+        cfg = self.config
+        scale = run.model.logit_scale.exp().detach()
+        indices = self._sentence_indices(run)
+        with torch.no_grad():
+            teacher_img = F.normalize(self.teacher.encode_image(x_ref).float(), dim=-1)
+            teacher_logits = scale * teacher_img @ self.teacher_text.features[indices.to(teacher_img.device)].T
+        student_img = F.normalize(run.model.encode_image(x_ref), dim=-1)
+        student_logits = scale * student_img @ self._student_text(run, indices).T
+        if cfg.image_loss:
+            losses["distill_image"] = self.weight * distill(teacher_logits, student_logits, cfg.T)
+        if cfg.text_loss:
+            losses["distill_text"] = self.weight * distill(teacher_logits.T, student_logits.T, cfg.T)
+        if cfg.feature_mse:
+            losses["feature_mse"] = self.weight * F.mse_loss(student_img, teacher_img)
+        if cfg.image_image_loss:
+            mask = torch.eye(len(x_ref), dtype=torch.bool, device=x_ref.device)
+            t = (scale * teacher_img @ teacher_img.T).masked_fill(mask, -1e4)
+            s = (scale * student_img @ student_img.T).masked_fill(mask, -1e4)
+            losses["distill_image_image"] = self.weight * distill(t, s, cfg.T)
+        return losses
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": _cpu_state(self.teacher)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed task gets back the teacher it started with (e.g. LwF's end-of-previous-task model)."""
+        if state.get("teacher") is not None and self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+            self.teacher_text.compute(self.teacher, self.sentences, self.teacher.context_length)
+
+
+def _cpu_state(model) -> dict | None:
+    return None if model is None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _wrap_tokens(ids: torch.Tensor, context_length: int) -> torch.Tensor:
+    tokens = torch.zeros(len(ids), context_length, dtype=torch.long)
+    length = min(ids.shape[1], context_length - 2)
+    tokens[:, 0] = 49406
+    tokens[:, 1:1 + length] = ids[:, :length]
+    tokens[:, 1 + length] = 49407
+    return tokens
+
+
+def class_prompts(names: list[str], location, download: bool = False) -> list[str]:
+    """Every template of every class of the named datasets."""
+    sentences = []
+    for name in names:
+        data = open_dataset(name, location, download)
+        sentences += [t.format(c) for c in data.classnames for t in data.templates]
+    return sentences
+
+
+class ZSCL(ReferenceDistillation):
+    """Teacher = the zero-shot model (or ``--ref-model``, or a WiSE blend with ``--ref-wise``); reference images
+    from ``--ref-dataset``; sentences from ``--ref-sentences``."""
+
+    name = "ZSCL"
+
+    def make_teacher(self, run, task):
+        cfg = self.config
+        if cfg.ref_model:
+            from mtil.models.clip_loading import load_clip
+
+            return frozen_copy(load_clip(cfg.ref_model, clip_root=cfg.clip_root, device=run.device).model)
+        teacher = frozen_copy(run.model)
+        zeroshot = run.zeroshot_state()
+        if cfg.ref_wise:  # teacher = alpha * current + (1 - alpha) * zero-shot, rebuilt at each task start
+            current = {n: p.detach() for n, p in run.model.named_parameters()}
+            load_into(teacher, interpolate(current, zeroshot, cfg.ref_wise_alpha))
+        else:
+            load_into(teacher, zeroshot)
+        return teacher
+
+    def reference_images(self, run, task):
+        name = self.config.ref_dataset
+        if name in CAPTION_DATASETS:
+            return open_caption_dataset(name, self.config.data_location)
+        return open_dataset(name, self.config.data_location, self.config.download).raw("train")
+
+    def reference_sentences(self, run, task):
+        return resolve_sentences(self.config, run, task)
+
+
+def resolve_sentences(config, run, task) -> list[str] | torch.Tensor:
+    """``--ref-sentences``: conceptual_captions, random, ToyCaptions, ref (the ref dataset's class prompts),
+    or dataset:A,B (class prompts of the named datasets)."""
+    spec = config.ref_sentences
+    if spec == "conceptual_captions":
+        return conceptual_captions(config.data_location)
+    if spec == "random":
+        return random_token_sentences(config.ref_sentences_count, seed=config.seed)
+    if spec == "ToyCaptions":
+        return toy_captions(config.ref_sentences_count)
+    if spec == "ref":
+        if config.ref_dataset in CAPTION_DATASETS:
+            return toy_captions(config.ref_sentences_count)
+        return class_prompts([config.ref_dataset], config.data_location, config.download)
+    if spec.startswith("dataset:"):
+        return class_prompts([n for n in spec[len("dataset:"):].split(",") if n], config.data_location,
+                             config.download)
+    raise UserError(f"--ref-sentences {spec!r}: accepted: conceptual_captions, random, ToyCaptions, ref, "
+                    f"dataset:NAME[,NAME]")
+
+
+class LwF(ReferenceDistillation):
+    """Teacher = the model at the end of the previous task (zero-shot for the first); reference images = the
+    current task's training images; sentences = the current task's class prompts."""
+
+    name = "lwf"
+
+    def make_teacher(self, run, task):
+        return frozen_copy(run.model)
+
+    def reference_images(self, run, task):
+        return task.data.raw("train")
+
+    def reference_sentences(self, run, task):
+        return [t.format(c) for c in task.data.classnames for t in task.data.templates]
+
+
+class LwFVR(LwF):
+    """LwF with random-token sentences (LwF-VR)."""
+
+    name = "lwf-vr"
+
+    def reference_sentences(self, run, task):
+        return random_token_sentences(self.config.ref_sentences_count, seed=self.config.seed)
