@@ -108,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
               "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
     _add(g, "--ref-sentences-count", type=int, default=5000,
          help="How many random-token / ToyCaptions sentences to draw (random, ToyCaptions, lwf-vr).")
-    _add(g, "--ref-sentences-per-step", type=int, default=64,
-         help="Reference sentences used at each step (sampled; the teacher's features are computed once per task).")
     _add(g, "--ref-batch-size", type=int, default=None, help="Reference images per step (default: --batch-size).")
     _add(g, "--ref-model", default=None,
          help="ZSCL teacher weights (a file or model name) instead of the zero-shot model.")
@@ -207,7 +205,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise UserError(f"--ema DECAY must be in (0, 1), e.g. 0.999, got {args.ema}")
-    for flag in ("avg_freq", "memory_size", "ref_sentences_count", "ref_sentences_per_step"):
+    for flag in ("avg_freq", "memory_size", "ref_sentences_count"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.l2 < 0:

@@ -1,9 +1,9 @@
 """ZSCL, LwF, LwF-VR and iCaRL: fine-tuning plus distillation from a frozen teacher on reference data.
 
-Each step draws a batch ``x_ref`` of reference images and ``k`` reference sentences; with the teacher's sentence
-features ``R_t`` (computed once per task) and the student's ``R_s`` (with gradient when the text encoder trains):
+Each step draws a batch ``x_ref`` of reference images; with the teacher's features ``R_t`` of the reference
+sentences (computed once per task: the teacher is frozen):
 
-    P_t = s * f_I^teacher(x_ref) . R_t^T        P_s = s * f_I^student(x_ref) . R_s^T
+    P_t = s * f_I^teacher(x_ref) . R_t^T        P_s = s * f_I^student(x_ref) . R_t^T
     image loss = distill(P_t, P_s, T)            (softmax over sentences)
     text loss  = distill(P_t^T, P_s^T, T)        (softmax over reference images)
 
@@ -15,18 +15,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import Dataset
 
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.registry import open_dataset
 from mtil.datasets.sentences import conceptual_captions, toy_captions
-from mtil.engine.data_stream import _mix, batch_stream
+from mtil.engine.data_stream import batch_stream
 from mtil.errors import UserError
 from mtil.methods.distillation import SentenceFeatures, distill, frozen_copy, random_token_sentences
 from mtil.methods.finetune import Finetune
 from mtil.methods.weight_averaging import interpolate, load_into
-from mtil.models.text import tokenize
-from mtil.models.train_modes import trains_text
 from mtil.models.transforms import eval_transform
 
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
@@ -55,7 +53,6 @@ class ReferenceDistillation(Finetune):
         self.teacher = None
         self.sentences: list[str] | torch.Tensor | None = None
         self.teacher_text = SentenceFeatures()
-        self._student_text_frozen: torch.Tensor | None = None
         self._ref_iter = None
         self.weight = 0.5 if config.weight_adjust else 1.0
 
@@ -75,10 +72,6 @@ class ReferenceDistillation(Finetune):
         self.teacher = self.make_teacher(run, task)
         self.sentences = self.reference_sentences(run, task)
         self.teacher_text.compute(self.teacher, self.sentences, run.model.context_length)
-        self._student_text_frozen = None
-        if not trains_text(run.config.train_mode):  # the student's text side is fixed too: encode once
-            self._student_text_frozen = SentenceFeatures().compute(run.model, self.sentences,
-                                                                   run.model.context_length)
         self._ref_iter = None
         self._ref_data = self.reference_images(run, task)
 
@@ -96,23 +89,6 @@ class ReferenceDistillation(Finetune):
         images, _ = next(self._ref_iter)
         return images.to(run.device, non_blocking=True)
 
-    def _sentence_indices(self, run) -> torch.Tensor:
-        total = len(self.sentences)
-        k = min(total, self.config.ref_sentences_per_step)
-        if k == total:
-            return torch.arange(total)
-        generator = torch.Generator().manual_seed(_mix(self.config.seed, run.state.task_index, run.state.step, 7))
-        return torch.randperm(total, generator=generator)[:k]
-
-    def _student_text(self, run, indices: torch.Tensor) -> torch.Tensor:
-        if self._student_text_frozen is not None:
-            return self._student_text_frozen[indices.to(self._student_text_frozen.device)]
-        if isinstance(self.sentences, torch.Tensor):
-            tokens = _wrap_tokens(self.sentences[indices], run.model.context_length)
-        else:
-            tokens = tokenize(run.model, [self.sentences[i] for i in indices.tolist()])
-        return F.normalize(run.model.encode_text(tokens.to(run.device)), dim=-1)
-
     def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
         losses = super().loss(run, batch)
         x_ref = self._next_reference_batch(run)
@@ -120,12 +96,12 @@ class ReferenceDistillation(Finetune):
             return losses
         cfg = self.config
         scale = run.model.logit_scale.exp().detach()
-        indices = self._sentence_indices(run)
+        sentences = self.teacher_text.features
         with torch.no_grad():
             teacher_img = F.normalize(self.teacher.encode_image(x_ref).float(), dim=-1)
-            teacher_logits = scale * teacher_img @ self.teacher_text.features[indices.to(teacher_img.device)].T
+            teacher_logits = scale * teacher_img @ sentences.T
         student_img = F.normalize(run.model.encode_image(x_ref), dim=-1)
-        student_logits = scale * student_img @ self._student_text(run, indices).T
+        student_logits = scale * student_img @ sentences.T
         if cfg.image_loss:
             losses["distill_image"] = self.weight * distill(teacher_logits, student_logits, cfg.T)
         if cfg.text_loss:
@@ -151,15 +127,6 @@ class ReferenceDistillation(Finetune):
 
 def _cpu_state(model) -> dict | None:
     return None if model is None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _wrap_tokens(ids: torch.Tensor, context_length: int) -> torch.Tensor:
-    tokens = torch.zeros(len(ids), context_length, dtype=torch.long)
-    length = min(ids.shape[1], context_length - 2)
-    tokens[:, 0] = 49406
-    tokens[:, 1:1 + length] = ids[:, :length]
-    tokens[:, 1 + length] = 49407
-    return tokens
 
 
 def class_prompts(names: list[str], location, download: bool = False) -> list[str]:
