@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import string
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from mtil.errors import UserError
@@ -142,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--wise-ref", default="zeroshot", choices=["zeroshot", "start"],
          help="Reference weights of --wise-merge: the zero-shot model or the task-start weights.")
 
+    g = parser.add_argument_group(
+        "Orthogonal gradients (OGD)",
+        "Project each task's gradients off the directions earlier tasks' gradients spanned (see mtil/methods/ogd.py).")
+    _add(g, "--orthogonal-gradients", type=int, default=None, metavar="N",
+         help="Record the tracked weights' gradients at N evenly spaced steps of each task; at the task's end keep "
+              "their orthonormal basis (merged with earlier tasks', written to grad_<Dataset>.pth in --save) and "
+              "project every later task's gradients off it.")
+    _add(g, "--orthogonal-gradients-path", default=None, metavar="FILE",
+         help="Start from this basis file (a previous process's grad_<Dataset>.pth) to continue a chain of "
+              "one-task runs; needs --orthogonal-gradients.")
+    _add(g, "--ogd-energy", type=float, default=0.97,
+         help="Keep the leading singular directions of a task's gradients that hold this fraction of their energy.")
+    _add(g, "--ogd-params", type=_name_list, default=["*attn.in_proj_weight", "*attn.out_proj.weight",
+                                                     "*mlp.c_fc.weight", "*mlp.c_proj.weight"], metavar="PATTERNS",
+         help="Comma-separated parameter-name patterns (fnmatch) of the tracked weights (trainable ones only).")
+    _add(g, "--ogd-dtype", default="float32", choices=["float32", "float16"],
+         help="Precision of the gradient snapshots kept on the CPU during a task (the basis is float32).")
+    _add(g, "--ogd-save-raw", action="store_true",
+         help="Also write each task's raw gradient snapshots to grad_raw_<Dataset>.pth "
+              "(scripts/convert_grad_to_basis.py turns them into a basis).")
+
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
     _add(g, "--checkpoint-interval", type=int, default=500,
          help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
@@ -220,6 +242,17 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
     if args.train_dataset and args.sequence:
         raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
+    if args.orthogonal_gradients is not None and args.orthogonal_gradients < 1:
+        raise UserError(f"--orthogonal-gradients N must be a positive integer, got {args.orthogonal_gradients}")
+    if not 0 < args.ogd_energy <= 1:
+        raise UserError(f"--ogd-energy must be in (0, 1], got {args.ogd_energy}")
+    if not args.ogd_params:
+        raise UserError("--ogd-params needs at least one parameter-name pattern")
+    if args.orthogonal_gradients is None and (args.orthogonal_gradients_path or args.ogd_save_raw):
+        flag = "--orthogonal-gradients-path" if args.orthogonal_gradients_path else "--ogd-save-raw"
+        raise UserError(f"{flag} belongs to orthogonal gradient descent: give --orthogonal-gradients N too")
+    if args.orthogonal_gradients_path and not Path(args.orthogonal_gradients_path).is_file():
+        raise UserError(f"--orthogonal-gradients-path {args.orthogonal_gradients_path} does not exist")
     if args.batch_size_eval < 1:
         raise UserError(f"--batch-size-eval must be a positive integer, got {args.batch_size_eval}")
     if args.max_evaluation_size is not None and args.max_evaluation_size < 1:

@@ -20,16 +20,21 @@ from mtil.main import main as mtil_main
 
 PRETRAIN = [
     "--model", "tiny-vit", "--method", "contrastive", "--train-dataset", "ToyCaptions",
-    "--iterations", "600", "--batch-size", "128", "--lr", "1e-3", "--wd", "0.1", "--warmup-length", "50",
-    "--eval-datasets", "ToyShape,ToyColor,ToyPattern,ToyCount,ToyPosition",
+    "--iterations", "800", "--batch-size", "64", "--lr", "1e-3", "--wd", "0.1", "--warmup-length", "30",
+    "--eval-datasets", "ToyShape,ToyPattern,ToyColor,ToyCount,ToyPosition",
 ]
 SEQUENCE = [
-    "--train-dataset", "ToyWorld", "--iterations", "60", "--batch-size", "64", "--lr", "1e-4",
+    "--train-dataset", "ToyWorld", "--iterations", "50", "--batch-size", "64", "--lr", "1e-4",
     "--warmup-length", "10", "--ls", "0.2",
 ]
-# name -> extra flags; later issues add methods here.
+# name -> extra flags. ZSCL's reference data on the built-in benchmark: the caption corpus's images and captions.
 METHODS: dict[str, list[str]] = {
     "finetune": ["--method", "finetune"],
+    "lwf": ["--method", "lwf"],
+    "icarl": ["--method", "icarl", "--memory-size", "200"],
+    "wise-ft": ["--method", "finetune", "--wise-merge", "--wise-ft-alpha", "0.8", "--wise-ref", "zeroshot"],
+    "ZSCL": ["--method", "ZSCL", "--ref-dataset", "ToyCaptions", "--ref-sentences", "ToyCaptions",
+             "--ref-sentences-count", "2000"],
 }
 
 

@@ -137,7 +137,9 @@ TASKS: dict[str, TaskInfo] = {
     ]
 }
 
-BUILTIN_ORDER: list[str] = ["ToyShape", "ToyColor", "ToyPattern", "ToyCount", "ToyPosition"]
+# Colour, the attribute a tiny CLIP learns first from captions, comes third: Transfer (accuracy on a task before it
+# is trained) then measures how much of that zero-shot ability survives two tasks of training.
+BUILTIN_ORDER: list[str] = ["ToyShape", "ToyPattern", "ToyColor", "ToyCount", "ToyPosition"]
 
 # Per-task skew of the *non-label* attributes (relative weights per value,
 # unlisted values get weight 1) and the pixel-noise std.  See module docstring.

@@ -8,6 +8,7 @@ from mtil.methods.base import Method
 from mtil.methods.contrastive import Contrastive
 from mtil.methods.finetune import Finetune
 from mtil.methods.icarl import ICaRL
+from mtil.methods.ogd import OrthogonalGradients
 from mtil.methods.reference_distillation import ZSCL, LwF, LwFVR
 from mtil.methods.weight_averaging import ExponentialMovingAverage, L2Consolidation, WeightEnsemble, WiseMerge
 
@@ -37,6 +38,9 @@ def build_components(config: argparse.Namespace) -> list[Method]:
                                       or config.method not in ("finetune",)):
         raise UserError("--train-mode fc trains only a linear head on frozen features: weight averaging, L2 and "
                         "distillation methods do not apply (use --method finetune without them)")
+    if config.train_mode == "fc" and getattr(config, "orthogonal_gradients", None):
+        raise UserError("--orthogonal-gradients projects CLIP's gradients, but --train-mode fc trains only a linear "
+                        "head on frozen features")
     components = [method]
     if config.l2:
         components.append(L2Consolidation(config))
@@ -46,4 +50,6 @@ def build_components(config: argparse.Namespace) -> list[Method]:
         components.append(ExponentialMovingAverage(config))
     if config.wise_merge:
         components.append(WiseMerge(config))
+    if getattr(config, "orthogonal_gradients", None):
+        components.append(OrthogonalGradients(config))  # only touches gradients: its place in the order is free
     return components

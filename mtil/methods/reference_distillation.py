@@ -144,6 +144,12 @@ class ZSCL(ReferenceDistillation):
 
     name = "ZSCL"
 
+    def __init__(self, config):
+        super().__init__(config)
+        # Refuse a bad spec now, not at the first task's start (after the zero-shot row and a latest.pth were
+        # written, which made the corrected command a "different settings" refusal).
+        check_sentence_spec(config.ref_sentences)
+
     def make_teacher(self, run, task):
         cfg = self.config
         if cfg.ref_model:
@@ -169,10 +175,22 @@ class ZSCL(ReferenceDistillation):
         return resolve_sentences(self.config, run, task)
 
 
+SENTENCE_SPECS = ("conceptual_captions", "random", "ToyCaptions", "ref")
+
+
+def check_sentence_spec(spec: str) -> None:
+    """``--ref-sentences`` is one of SENTENCE_SPECS or ``dataset:A[,B...]`` (at least one name)."""
+    if spec in SENTENCE_SPECS or (spec.startswith("dataset:") and any(spec[len("dataset:"):].split(","))):
+        return
+    raise UserError(f"--ref-sentences {spec!r}: accepted: conceptual_captions, random, ToyCaptions, ref, "
+                    f"dataset:NAME[,NAME]")
+
+
 def resolve_sentences(config, run, task) -> list[str] | torch.Tensor:
     """``--ref-sentences``: conceptual_captions, random, ToyCaptions, ref (the ref dataset's class prompts),
     or dataset:A,B (class prompts of the named datasets)."""
     spec = config.ref_sentences
+    check_sentence_spec(spec)
     if spec == "conceptual_captions":
         return conceptual_captions(config.data_location)
     if spec == "random":
