@@ -164,6 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
          help="Also write each task's raw gradient snapshots to grad_raw_<Dataset>.pth "
               "(scripts/convert_grad_to_basis.py turns them into a basis).")
 
+    g = parser.add_argument_group(
+        "LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them at each "
+                "task's end, so every task checkpoint holds a plain CLIP (see README: LoRA).")
+    _add(g, "--lora", action="store_true",
+         help="Train LoRA adapters on --lora-target-modules instead of CLIP's weights: fresh adapters at each task's "
+              "start (B = 0: outputs unchanged), merged into the weights at its end. --train-mode picks which "
+              "encoder's adapters train (image: image encoder only; image-fc: plus the head); not with fc.")
+    _add(g, "--lora-r", type=int, default=8, help="Rank r of every adapter.")
+    _add(g, "--lora-alpha", type=float, default=16, help="Adapter scaling: the update is (alpha / r) * B A.")
+    _add(g, "--lora-dropout", type=float, default=0.0,
+         help="Dropout on the input of the Linear (MLP) adapters (default 0; the seed used 0.1). Attention adapters act through "
+              "the weights (peft's MultiheadAttention LoRA), which takes no dropout.")
+    _add(g, "--lora-target-modules", type=_name_list, default="attn,mlp.c_fc,mlp.c_proj", metavar="NAMES",
+         help="Comma-separated module names; a name matches every module called so or ending in '.NAME'. 'attn': "
+              "q, k, v and o of every nn.MultiheadAttention (separate adapters on the packed in_proj and on "
+              "out_proj); 'mlp.c_fc', 'mlp.c_proj': the MLP linears; both encoders. scripts/list_clip_layers.py "
+              "lists the names a model accepts.")
+    _add(g, "--lora-shared", action="store_true",
+         help="Share adapters across layers: every adapter reuses the A and B of the first one with the same "
+              "(encoder, layer type attn/mlp, shapes); attention never shares with MLP.")
+    _add(g, "--lora-shared-split-qkvo", action="store_true",
+         help="With --lora-shared: the projection (q, k, v, o) joins the sharing key, so q shares only with q, etc.")
+
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
     _add(g, "--checkpoint-interval", type=int, default=500,
          help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
@@ -259,6 +282,21 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max-evaluation-size must be a positive integer, got {args.max_evaluation_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.lora_r < 1:
+        raise UserError(f"--lora-r must be a positive integer, got {args.lora_r}")
+    if args.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha must be positive, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_target_modules:
+        raise UserError("--lora-target-modules names no module (e.g. attn,mlp.c_fc,mlp.c_proj)")
+    if args.lora_shared and not args.lora:
+        raise UserError("--lora-shared shares LoRA adapters: give --lora too")
+    if args.lora_shared_split_qkvo and not args.lora_shared:
+        raise UserError("--lora-shared-split-qkvo refines --lora-shared: give --lora --lora-shared too")
+    if args.lora and args.train_mode == "fc":
+        raise UserError("--train-mode fc trains only a linear head on frozen features: --lora has nothing to adapt "
+                        "(use image-fc to train image-encoder adapters and the head)")
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
     if not is_template(args.prompt):

@@ -327,3 +327,21 @@ def test_stateful_method_resumes_exactly(tmp_path, monkeypatch):
     # The runs trained: task 2 moved the weights.
     assert not torch.equal(load(straight / "ToyColor.pth")["model"]["visual.conv1.weight"],
                            load(straight / "ToyShape.pth")["model"]["visual.conv1.weight"])
+
+
+@pytest.mark.parametrize("method", ["lwf", "lwf-vr", "ZSCL", "icarl"])
+def test_distillation_refuses_text_mode(method, capsys):
+    """Distillation compares student image features with the teacher's sentence features (as the original ZSCL
+    does), so with only the text encoder training it would be a silent no-op: refused in one line."""
+    assert main([*FAST, "--method", method, "--train-mode", "text", "--train-dataset", "ToyShape",
+                 "--iterations", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train-mode text" in err[0]
+
+
+def test_distillation_acts_in_image_mode(recorded_losses):
+    """P_s = s f_I^student(x_ref) R_t^T: once the image encoder moved, the terms are positive in image mode."""
+    assert main([*FAST, "--method", "lwf", "--train-mode", "image", "--train-dataset", "ToyShape",
+                 "--iterations", "3", "--eval-datasets", "ToyShape"]) == 0
+    later = terms_at(recorded_losses, 0, 2)
+    assert later and all(v > 1e-7 for v in later.values()), later

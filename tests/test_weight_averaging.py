@@ -290,6 +290,28 @@ def test_wise_merge_hooks_blend_trained_and_reference(ref, alpha):
             torch.testing.assert_close(got[n], alpha * trained[n] + (1 - alpha) * reference[n])
 
 
+@pytest.mark.parametrize("alpha", ["0", "1"])
+def test_wise_merge_in_a_run(alpha, tmp_path, monkeypatch):
+    """``--wise-merge --wise-ft-alpha 0``: the task's saved result is exactly the zero-shot model; alpha 1: exactly
+    the weights training ended with."""
+    ended = []
+    original = WiseMerge.after_task
+
+    def after_task(self, run, task):
+        ended.append({n: p.detach().clone() for n, p in run.model.named_parameters()})
+        original(self, run, task)
+
+    monkeypatch.setattr(WiseMerge, "after_task", after_task)
+    assert main([*FAST, "--wise-merge", "--wise-ft-alpha", alpha, "--train-dataset", "ToyShape", "--iterations", "2",
+                 "--eval-datasets", "ToyShape", "--save", str(tmp_path)]) == 0
+    result, zeroshot = load(tmp_path / "ToyShape.pth")["model"], zeroshot_micro()
+    [trained] = ended
+    assert not torch.equal(trained["visual.conv1.weight"], zeroshot["visual.conv1.weight"])
+    want = zeroshot if alpha == "0" else trained
+    for name in zeroshot:
+        assert torch.equal(result[name], want[name]), name
+
+
 def test_components_order_averages_before_the_wise_merge():
     """WE produces the task's weights, then WiSE blends them: ``build_components`` keeps that order."""
     config = parse_args(["--method", "lwf", "--l2", "1", "--we", "--wise-merge"])
@@ -328,7 +350,7 @@ def test_eval_time_wise_ft_endpoints(tmp_path, monkeypatch):
     after = {n: trained[(1, n)] for n in names}
     assert zero_shot != after  # else the comparisons below could not tell the two weights apart
 
-    def evaluate(save: Path, *flags: str) -> dict[str, tuple[float, float]]:
+    def evaluate(save: Path, *flags: str) -> tuple[dict[str, tuple[float, float]], dict[str, torch.Tensor]]:
         evaluated.clear()
         assert main([*FAST, "--eval-only", *datasets, *flags, "--save", str(save)]) == 0
         [model] = evaluated

@@ -64,8 +64,20 @@ def config_for_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = (set(saved) | set(current)) - OPERATIONAL_FLAGS
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    """Settings that differ. A flag newer than the checkpoint counts only when it is not at its default; a flag
+    that no longer exists is ignored."""
+    from mtil.args import build_parser
+
+    parser = build_parser()
+    keys = set(current) - OPERATIONAL_FLAGS
+    differences = []
+    for key in keys:
+        if key not in saved:
+            if current.get(key) != config_for_checkpoint({key: parser.get_default(key)})[key]:
+                differences.append(key)
+        elif saved.get(key) != current.get(key):
+            differences.append(key)
+    return sorted(differences)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

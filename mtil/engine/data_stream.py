@@ -66,6 +66,9 @@ def batch_stream(raw: Dataset, transform: Callable | None, *, batch_size: int, s
                  collate_fn: Callable | None = None) -> DataLoader:
     """Loader of the batches for steps ``start_step .. total_steps-1`` of one task."""
     sampler = DrawSampler(len(raw), seed, stream, start_step * batch_size, total_steps * batch_size)
+    # Its own generator: iter(DataLoader) draws a base seed, which must not come from the global RNG (on a resume
+    # the loader starts after the RNG was restored, so randomness inside the steps, e.g. dropout, would shift).
+    generator = torch.Generator().manual_seed(_mix(seed, stream, start_step, 2))
     return DataLoader(SeededItems(raw, transform, seed, stream), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=generator)

@@ -40,6 +40,7 @@ from mtil.methods import build_components
 from mtil.methods.base import Method
 from mtil.models.architectures import Architecture
 from mtil.models.clip_loading import load_clip, model_from_state_dict, resolve_device
+from mtil.models.lora import base_state_dict
 from mtil.models.train_modes import LINEAR_HEAD_MODES, LinearHead, parameters_of, select_trainable, trains_text
 from mtil.seeding import seed_everything
 
@@ -103,6 +104,10 @@ class SequenceRunner:
         if problems:
             raise UserError("; ".join(problems))
 
+    def _continues_chain(self) -> bool:
+        """A chain link loads the previous link's task checkpoint from the same folder."""
+        return bool(self.config.load) and Path(self.config.load).resolve().parent == self.save_dir.resolve()
+
     def _existing_checkpoint(self) -> dict | None:
         if self.save_dir is None or not (self.save_dir / LATEST).is_file():
             return None
@@ -111,8 +116,13 @@ class SequenceRunner:
         differences = config_differences(saved.get("config", {}), self.config_record)
         if not differences:
             return saved
+        if state.finished and self._continues_chain():
+            return None  # the previous link of a one-process-per-task chain: this link starts from its checkpoint
         if state.finished:
-            return None  # a finished run with other settings (a chain's previous link): start afresh
+            raise UserError(
+                f"{self.save_dir} holds a finished run with different settings ({', '.join(differences[:6])}); "
+                f"use another --save (a chain's next link must --load a checkpoint from that folder)"
+            )
         if self.config.force_resume:
             print(f"--force-resume: resuming although these settings changed: {', '.join(differences)}")
             return saved
@@ -139,7 +149,7 @@ class SequenceRunner:
             loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained,
                                load=config.load, device=device, seed=config.seed)
             model, arch, source = loaded.model, loaded.arch, loaded.source
-            previous = loaded.checkpoint.get("state") or {}
+            previous = chain_state(loaded.checkpoint, config)
             completed = list(previous.get("completed", []))
             state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
                                   global_step=int(previous.get("global_step", 0)),
@@ -149,6 +159,8 @@ class SequenceRunner:
         evaluator = ZeroShotEvaluator(model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
                                       max_size=config.max_evaluation_size, seed=config.seed)
+        for component in self.components:
+            component.check_model(model)
         run = Run(config, model, arch, device, state, evaluator, self.save_dir, log)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
         evaluator.learned_heads = run.heads
@@ -166,7 +178,8 @@ class SequenceRunner:
         task = run.task
         payload = {
             "arch": run.arch.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+            # plain CLIP names and weights; mid-task LoRA adapters travel in their component's state
+            "model": {k: v.detach().cpu() for k, v in base_state_dict(run.model).items()},
             "heads": {n: {k: v.detach().cpu() for k, v in h.state_dict().items()} for n, h in run.heads.items()},
             "methods": {c.name: c.state_dict() for c in self.components},
             "rng": capture_rng(),
@@ -306,6 +319,19 @@ class SequenceRunner:
             print(mx.to_wide(long, datasets).round(2).to_string())
             return
         write_reports(self.save_dir, self.config.method, long, trained, run.log)
+
+
+def chain_state(checkpoint: dict, config: argparse.Namespace) -> dict:
+    """The task history a ``--load``ed mtil checkpoint passes on.
+
+    A checkpoint of a run of the same method continues that run's sequence (the one-process-per-task chain: its
+    tasks, step count and zero-shot weights carry over). One from another method — e.g. contrastive pre-training —
+    only provides starting weights: a new sequence starts from them, and they are its zero-shot weights.
+    """
+    previous = checkpoint.get("state") or {}
+    if (checkpoint.get("config") or {}).get("method") != config.method:
+        return {}
+    return previous
 
 
 def base_spec(config: argparse.Namespace) -> dict:

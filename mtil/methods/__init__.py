@@ -8,6 +8,7 @@ from mtil.methods.base import Method
 from mtil.methods.contrastive import Contrastive
 from mtil.methods.finetune import Finetune
 from mtil.methods.icarl import ICaRL
+from mtil.methods.lora_component import LoraAdapters
 from mtil.methods.ogd import OrthogonalGradients
 from mtil.methods.reference_distillation import ZSCL, LwF, LwFVR
 from mtil.methods.weight_averaging import ExponentialMovingAverage, L2Consolidation, WeightEnsemble, WiseMerge
@@ -38,16 +39,30 @@ def build_components(config: argparse.Namespace) -> list[Method]:
                                       or config.method not in ("finetune",)):
         raise UserError("--train-mode fc trains only a linear head on frozen features: weight averaging, L2 and "
                         "distillation methods do not apply (use --method finetune without them)")
+    if config.train_mode == "text" and config.method in ("lwf", "lwf-vr", "ZSCL", "icarl"):
+        raise UserError(f"--method {config.method} distils through the image encoder (student images against the "
+                        f"teacher's sentence features, as in ZSCL), which --train-mode text freezes: the "
+                        f"distillation would do nothing; use --train-mode whole or image")
     if config.train_mode == "fc" and getattr(config, "orthogonal_gradients", None):
         raise UserError("--orthogonal-gradients projects CLIP's gradients, but --train-mode fc trains only a linear "
                         "head on frozen features")
+    lora = LoraAdapters(config) if getattr(config, "lora", False) else None
+    if lora is not None and getattr(config, "orthogonal_gradients", None):
+        raise UserError("--orthogonal-gradients projects gradients of CLIP's weights, which --lora freezes "
+                        "(only fresh per-task adapters train): use one of them")
     components = [method]
+    if lora is not None:
+        # LoRA: injected after the method built its teachers (from the plain model), before L2 / WE / EMA snapshot
+        # the (adapter) parameters; merged after they produced the task's adapters, before WiSE blends plain weights.
+        components.append(lora)
     if config.l2:
         components.append(L2Consolidation(config))
     if config.we:
         components.append(WeightEnsemble(config))
     if config.ema is not None:
         components.append(ExponentialMovingAverage(config))
+    if lora is not None:
+        components.append(lora.merge_step)
     if config.wise_merge:
         components.append(WiseMerge(config))
     if getattr(config, "orthogonal_gradients", None):

@@ -1,6 +1,6 @@
 """The one small interface every training method implements.
 
-The loop calls, in order: ``before_task`` once per task, then per step ``loss`` (named terms, summed by the loop),
+The runner calls ``check_model`` once the model is built; the loop calls, in order: ``before_task`` once per task, then per step ``loss`` (named terms, summed by the loop),
 ``after_backward`` (e.g. gradient projection), ``after_step`` (e.g. weight averaging), and ``after_task`` at the
 task's end. ``state_dict``/``load_state_dict`` carry everything a resume needs; on a resume mid-task,
 ``load_state_dict`` is called *after* ``before_task``, so it overrides what ``before_task`` rebuilt.
@@ -33,6 +33,10 @@ class Method:
         from mtil.models.transforms import train_transform
 
         return task.data.raw("train"), train_transform(run.model.visual.input_resolution), None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Called once the run's model is built, before anything is evaluated or written: refuse flags that do not
+        fit this model now (a UserError), not at the first task's start."""
 
     def before_task(self, run: "Run", task: "TaskContext") -> None:
         pass

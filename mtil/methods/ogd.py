@@ -254,9 +254,9 @@ class OrthogonalGradients(Method):
         self.tracker, self._pending_tracker, self._device_basis = None, None, None
 
     def state_dict(self) -> dict[str, Any]:
+        # The basis tensors are never changed in place (merging makes new ones): no copy of a possibly huge basis.
         tracker = self.tracker.state_dict() if self.tracker is not None else self._pending_tracker
-        return {"basis": {n: b.clone() for n, b in self.basis.items()}, "tasks": list(self.tasks),
-                "tracker": tracker}
+        return {"basis": dict(self.basis), "tasks": list(self.tasks), "tracker": tracker}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "basis" not in state:

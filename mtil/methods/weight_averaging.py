@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mtil.methods.base import Method
+from mtil.models.lora import base_named_parameters
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -152,8 +153,8 @@ class WiseMerge(Method):
         self.start: dict[str, torch.Tensor] | None = None
 
     def before_task(self, run, task) -> None:
-        if self.config.wise_ref == "start":
-            self.start = {n: p.detach().cpu().clone() for n, p in run.model.named_parameters()}
+        if self.config.wise_ref == "start":  # plain names: with --lora the adapters are injected by now
+            self.start = {n: p.detach().cpu().clone() for n, p in base_named_parameters(run.model).items()}
 
     def after_task(self, run, task) -> None:
         reference = self.start if self.config.wise_ref == "start" else run.zeroshot_state()
