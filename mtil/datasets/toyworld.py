@@ -137,9 +137,12 @@ TASKS: dict[str, TaskInfo] = {
     ]
 }
 
-# Colour, the attribute a tiny CLIP learns first from captions, comes third: Transfer (accuracy on a task before it
-# is trained) then measures how much of that zero-shot ability survives two tasks of training.
-BUILTIN_ORDER: list[str] = ["ToyShape", "ToyPattern", "ToyColor", "ToyCount", "ToyPosition"]
+# The default sequence. Measured on the demo's tiny CLIP (800 contrastive steps on ToyCaptions): zero-shot colour
+# ~88%, pattern slightly above chance, position at chance but learnable by fine-tuning within a few hundred steps;
+# shape and count stay near chance for such a model, so they are extra tasks, not part of the default order.
+# Colour comes last: Transfer (accuracy on a task before it is trained) then measures how much of that zero-shot
+# ability survives two tasks of training.
+BUILTIN_ORDER: list[str] = ["ToyPosition", "ToyPattern", "ToyColor"]
 
 # Per-task skew of the *non-label* attributes (relative weights per value,
 # unlisted values get weight 1) and the pixel-noise std.  See module docstring.
