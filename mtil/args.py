@@ -40,8 +40,31 @@ def _add(group, flag: str, *extra: str, **kwargs) -> None:
     group.add_argument(*names, **kwargs)
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _checked(convert, accept, requirement: str, name: str):
+    """An argparse type: ``convert`` the text, then require ``accept(value)`` (argparse reports the flag)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "positive_int")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer of 0 or more", "non_negative_int")
+positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, "a number of 0 or more", "non_negative_float")
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
+open_unit_interval = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1), e.g. 0.999", "open_unit_interval")
+label_smoothing = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "label_smoothing")
+dropout = label_smoothing
+energy_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "energy_fraction")
 
 
 def _name_list(text: str) -> list[str]:
@@ -72,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--data-location", default="data", help="Root folder of all datasets.")
     _add(g, "--download", action="store_true",
          help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
-    _add(g, "--workers", type=int, default=2, help="DataLoader worker processes (0 loads in the main process).")
+    _add(g, "--workers", type=non_negative_int, default=2, help="DataLoader worker processes (0 loads in the main process).")
     _add(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
 
     g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
@@ -86,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
          help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
     _add(g, "--sequence", default=None, metavar="YAML",
          help="Sequence file: a list of tasks with per-task settings (lr, iterations, epochs, batch_size, ...).")
-    _add(g, "--iterations", type=int, default=None, help="Optimiser steps per task (exactly this many).")
-    _add(g, "--epochs", type=int, default=None, help="Epochs per task instead of --iterations.")
-    _add(g, "--batch-size", type=int, default=64, help="Training batch size.")
-    _add(g, "--lr", type=float, default=1e-5, help="Peak learning rate (AdamW).")
-    _add(g, "--wd", type=float, default=0.0, help="AdamW weight decay.")
+    _add(g, "--iterations", type=positive_int, default=None, help="Optimiser steps per task (exactly this many).")
+    _add(g, "--epochs", type=positive_int, default=None, help="Epochs per task instead of --iterations.")
+    _add(g, "--batch-size", type=positive_int, default=64, help="Training batch size.")
+    _add(g, "--lr", type=positive_float, default=1e-5, help="Peak learning rate (AdamW).")
+    _add(g, "--wd", type=non_negative_float, default=0.0, help="AdamW weight decay.")
     _add(g, "--beta2", type=float, default=0.999, help="AdamW beta2.")
-    _add(g, "--ls", type=float, default=0.0, help="Label smoothing of the cross-entropy.")
-    _add(g, "--warmup-length", type=int, default=100, help="Linear warm-up steps, then cosine decay to 0.")
+    _add(g, "--ls", type=label_smoothing, default=0.0, help="Label smoothing of the cross-entropy.")
+    _add(g, "--warmup-length", type=non_negative_int, default=100, help="Linear warm-up steps, then cosine decay to 0.")
     _add(g, "--freeze", type=_name_list, default=None, metavar="PATTERNS",
          help="Comma-separated parameter-name patterns (fnmatch, e.g. 'visual.conv1.*,token_embedding.*') "
               "kept frozen on top of --train-mode.")
@@ -107,15 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--ref-sentences", default="conceptual_captions",
          help="ZSCL's reference sentences: conceptual_captions, random (10-token random sequences), ToyCaptions, "
               "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
-    _add(g, "--ref-sentences-count", type=int, default=5000,
+    _add(g, "--ref-sentences-count", type=positive_int, default=5000,
          help="How many random-token / ToyCaptions sentences to draw (random, ToyCaptions, lwf-vr).")
-    _add(g, "--ref-batch-size", type=int, default=None, help="Reference images per step (default: --batch-size).")
+    _add(g, "--ref-batch-size", type=positive_int, default=None, help="Reference images per step (default: --batch-size).")
     _add(g, "--ref-model", default=None,
          help="ZSCL teacher weights (a file or model name) instead of the zero-shot model.")
     _add(g, "--ref-wise", action="store_true",
          help="ZSCL teacher = alpha * current + (1 - alpha) * zero-shot weights, rebuilt at each task start.")
-    _add(g, "--ref-wise-alpha", type=float, default=0.8, help="alpha of --ref-wise.")
-    _add(g, "--T", type=float, default=2.0, dest="T", help="Distillation temperature.")
+    _add(g, "--ref-wise-alpha", type=unit_interval, default=0.8, help="alpha of --ref-wise.")
+    _add(g, "--T", type=positive_float, default=2.0, dest="T", help="Distillation temperature.")
     _add(g, "--image-loss", action="store_true",
          help="Distil over sentences (softmax per reference image). Without --image-loss and --text-loss both are on.")
     _add(g, "--text-loss", action="store_true", help="Distil over reference images (softmax per sentence).")
@@ -123,37 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--image-image-loss", action="store_true",
          help="Ablation: distil image-image similarities of the reference batch (diagonal masked).")
     _add(g, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
-    _add(g, "--memory-size", type=int, default=2000, help="iCaRL: exemplars kept over all past tasks.")
+    _add(g, "--memory-size", type=positive_int, default=2000, help="iCaRL: exemplars kept over all past tasks.")
     _add(g, "--icarl-teacher", default="previous", choices=["previous", "zeroshot"],
          help="iCaRL distillation teacher: the model from the end of the previous task, or the zero-shot model.")
 
     g = parser.add_argument_group("Weight averaging and consolidation", "Components that combine with any method.")
-    _add(g, "--l2", type=float, default=0.0, help="Weight of the L2 penalty to the task-start weights (0: off).")
+    _add(g, "--l2", type=non_negative_float, default=0.0, help="Weight of the L2 penalty to the task-start weights (0: off).")
     _add(g, "--we", action="store_true",
          help="Weight ensembling: average the weights every --avg-freq steps; the task's result is the average.")
-    _add(g, "--avg-freq", type=int, default=100, help="Steps between weight-ensembling updates.")
+    _add(g, "--avg-freq", type=positive_int, default=100, help="Steps between weight-ensembling updates.")
     _add(g, "--we-wise", action="store_true",
          help="With --we: the result is alpha * average + (1 - alpha) * task-start weights.")
-    _add(g, "--we-wise-alpha", type=float, default=0.98, help="alpha of --we-wise.")
-    _add(g, "--ema", type=float, default=None, metavar="DECAY",
+    _add(g, "--we-wise-alpha", type=unit_interval, default=0.98, help="alpha of --we-wise.")
+    _add(g, "--ema", type=open_unit_interval, default=None, metavar="DECAY",
          help="Exponential moving average of the weights with this decay (e.g. 0.999); the task's result is the EMA.")
     _add(g, "--wise-merge", action="store_true",
          help="WiSE-FT after each task: weights = alpha * trained + (1 - alpha) * reference (--wise-ref).")
-    _add(g, "--wise-ft-alpha", type=float, default=0.8, help="alpha of --wise-merge.")
+    _add(g, "--wise-ft-alpha", type=unit_interval, default=0.8, help="alpha of --wise-merge.")
     _add(g, "--wise-ref", default="zeroshot", choices=["zeroshot", "start"],
          help="Reference weights of --wise-merge: the zero-shot model or the task-start weights.")
 
     g = parser.add_argument_group(
         "Orthogonal gradients (OGD)",
         "Project each task's gradients off the directions earlier tasks' gradients spanned (see mtil/methods/ogd.py).")
-    _add(g, "--orthogonal-gradients", type=int, default=None, metavar="N",
+    _add(g, "--orthogonal-gradients", type=positive_int, default=None, metavar="N",
          help="Record the tracked weights' gradients at N evenly spaced steps of each task; at the task's end keep "
               "their orthonormal basis (merged with earlier tasks', written to grad_<Dataset>.pth in --save) and "
               "project every later task's gradients off it.")
     _add(g, "--orthogonal-gradients-path", default=None, metavar="FILE",
          help="Start from this basis file (a previous process's grad_<Dataset>.pth) to continue a chain of "
               "one-task runs; needs --orthogonal-gradients.")
-    _add(g, "--ogd-energy", type=float, default=0.97,
+    _add(g, "--ogd-energy", type=energy_fraction, default=0.97,
          help="Keep the leading singular directions of a task's gradients that hold this fraction of their energy.")
     _add(g, "--ogd-params", type=_name_list, default=["*attn.in_proj_weight", "*attn.out_proj.weight",
                                                      "*mlp.c_fc.weight", "*mlp.c_proj.weight"], metavar="PATTERNS",
@@ -171,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="Train LoRA adapters on --lora-target-modules instead of CLIP's weights: fresh adapters at each task's "
               "start (B = 0: outputs unchanged), merged into the weights at its end. --train-mode picks which "
               "encoder's adapters train (image: image encoder only; image-fc: plus the head); not with fc.")
-    _add(g, "--lora-r", type=int, default=8, help="Rank r of every adapter.")
-    _add(g, "--lora-alpha", type=float, default=16, help="Adapter scaling: the update is (alpha / r) * B A.")
-    _add(g, "--lora-dropout", type=float, default=0.0,
+    _add(g, "--lora-r", type=positive_int, default=8, help="Rank r of every adapter.")
+    _add(g, "--lora-alpha", type=positive_float, default=16, help="Adapter scaling: the update is (alpha / r) * B A.")
+    _add(g, "--lora-dropout", type=dropout, default=0.0,
          help="Dropout on the input of the Linear (MLP) adapters (default 0; the seed used 0.1). Attention adapters act through "
               "the weights (peft's MultiheadAttention LoRA), which takes no dropout.")
     _add(g, "--lora-target-modules", type=_name_list, default="attn,mlp.c_fc,mlp.c_proj", metavar="NAMES",
@@ -188,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="With --lora-shared: the projection (q, k, v, o) joins the sharing key, so q shares only with q, etc.")
 
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
-    _add(g, "--checkpoint-interval", type=int, default=500,
+    _add(g, "--checkpoint-interval", type=non_negative_int, default=500,
          help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
     _add(g, "--force-resume", action="store_true",
          help="Resume an unfinished run in --save even though its configuration differs from this command's.")
@@ -206,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
          help="Text file with one class name per line (for --eval-single).")
     _add(g, "--prompt", default="a photo of a {}.",
          help="Prompt template for --eval-single; '{}' is replaced by the class name.")
-    _add(g, "--batch-size-eval", type=int, default=128, help="Batch size for evaluation.")
+    _add(g, "--batch-size-eval", type=positive_int, default=128, help="Batch size for evaluation.")
     _add(g, "--wise-ft", action="store_true",
          help="With --eval-only --load CKPT: evaluate alpha * checkpoint + (1 - alpha) * zero-shot weights.")
-    _add(g, "--alpha", type=float, default=0.5, help="alpha of --wise-ft.")
-    _add(g, "--eval-interval", type=int, default=None,
+    _add(g, "--alpha", type=unit_interval, default=0.5, help="alpha of --wise-ft.")
+    _add(g, "--eval-interval", type=positive_int, default=None,
          help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
-    _add(g, "--max-evaluation-size", type=int, default=None,
+    _add(g, "--max-evaluation-size", type=positive_int, default=None,
          help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
     _add(g, "--save", default=None, metavar="DIR",
          help="Directory for checkpoints (<Dataset>.pth, latest.pth) and metric files (metrics_<Dataset>.csv, "
@@ -232,31 +255,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _validate(args: argparse.Namespace) -> None:
     if args.iterations is not None and args.epochs is not None:
         raise UserError("--iterations and --epochs contradict each other: give one of them")
-    for flag in ("iterations", "epochs", "batch_size", "eval_interval"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    if args.checkpoint_interval < 0:
-        raise UserError(f"--checkpoint-interval must be 0 or more, got {args.checkpoint_interval}")
-    if args.warmup_length < 0:
-        raise UserError(f"--warmup-length must be 0 or more, got {args.warmup_length}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.ls < 1:
-        raise UserError(f"--ls (label smoothing) must be in [0, 1), got {args.ls}")
-    for flag in ("ref_wise_alpha", "we_wise_alpha", "wise_ft_alpha", "alpha"):
-        value = getattr(args, flag)
-        if not 0 <= value <= 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise UserError(f"--ema DECAY must be in (0, 1), e.g. 0.999, got {args.ema}")
-    for flag in ("avg_freq", "memory_size", "ref_sentences_count"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if args.l2 < 0:
-        raise UserError(f"--l2 must be 0 or more, got {args.l2}")
-    if args.T <= 0:
-        raise UserError(f"--T (temperature) must be positive, got {args.T}")
     if args.we_wise and not args.we:
         raise UserError("--we-wise modifies weight ensembling: give --we too")
     if args.we and args.ema is not None:
@@ -265,10 +263,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
     if args.train_dataset and args.sequence:
         raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
-    if args.orthogonal_gradients is not None and args.orthogonal_gradients < 1:
-        raise UserError(f"--orthogonal-gradients N must be a positive integer, got {args.orthogonal_gradients}")
-    if not 0 < args.ogd_energy <= 1:
-        raise UserError(f"--ogd-energy must be in (0, 1], got {args.ogd_energy}")
     if not args.ogd_params:
         raise UserError("--ogd-params needs at least one parameter-name pattern")
     if args.orthogonal_gradients is None and (args.orthogonal_gradients_path or args.ogd_save_raw):
@@ -276,18 +270,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"{flag} belongs to orthogonal gradient descent: give --orthogonal-gradients N too")
     if args.orthogonal_gradients_path and not Path(args.orthogonal_gradients_path).is_file():
         raise UserError(f"--orthogonal-gradients-path {args.orthogonal_gradients_path} does not exist")
-    if args.batch_size_eval < 1:
-        raise UserError(f"--batch-size-eval must be a positive integer, got {args.batch_size_eval}")
-    if args.max_evaluation_size is not None and args.max_evaluation_size < 1:
-        raise UserError(f"--max-evaluation-size must be a positive integer, got {args.max_evaluation_size}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    if args.lora_r < 1:
-        raise UserError(f"--lora-r must be a positive integer, got {args.lora_r}")
-    if args.lora_alpha <= 0:
-        raise UserError(f"--lora-alpha must be positive, got {args.lora_alpha}")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if not args.lora_target_modules:
         raise UserError("--lora-target-modules names no module (e.g. attn,mlp.c_fc,mlp.c_proj)")
     if args.lora_shared and not args.lora:
