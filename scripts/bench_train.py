@@ -58,7 +58,9 @@ def main() -> None:
     run = Run(config, model, loaded.arch, device, TrainingState(sequence=["bench"]), evaluator, None,
               logging.getLogger("bench"))
     method = build_method(config)
-    task = TaskContext("bench", task_settings(config, TaskSpec("bench", {"iterations": 1})), data)
+    total = args.steps + 2
+    task = TaskContext("bench", task_settings(config, TaskSpec("bench", {"iterations": total})), data,
+                       total_steps=total)
     run.task = task
     select_trainable(model, config.train_mode, config.freeze)
     method.before_task(run, task)
@@ -77,7 +79,7 @@ def main() -> None:
         method.after_step(run)
 
     times = []
-    for i in range(args.steps + 2):
+    for i in range(total):
         _sync(device)
         start = time.perf_counter()
         step()
