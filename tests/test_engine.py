@@ -18,8 +18,8 @@ from mtil.engine.schedule import warmup_cosine
 from mtil.evaluation import matrix as mx
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.main import main
-from mtil.methods.finetune import Finetune
 from mtil.models.text import zeroshot_head
+from tests.killing import run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
         "--max-evaluation-size", "8", "--batch-size-eval", "16", "--workers", "0", "--device", "cpu"]
@@ -195,17 +195,7 @@ def test_checkpoint_contents_chain_and_summarize(tmp_path, monkeypatch, capsys):
     save = tmp_path / "A"
     first = [*FAST, "--train-dataset", "ToyShape", "--iterations", "4", "--checkpoint-interval", "2",
              "--save", str(save)]
-    original = Finetune.after_step
-
-    def die_at_3(self, run):
-        original(self, run)
-        if run.state.step == 3:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", die_at_3)
-        with pytest.raises(SystemExit):
-            main(first)
+    run_killed_at(monkeypatch, first, [], 3)
 
     mid = load(save / "latest.pth")  # must load with weights_only=True
     assert {"model", "optimizer", "scheduler", "methods", "rng", "state", "config", "arch", "iteration",

@@ -14,10 +14,10 @@ import torch
 
 from mtil.datasets.toyworld import ToyTaskDataset
 from mtil.main import main
-from mtil.methods.finetune import Finetune
 from mtil.methods.weight_averaging import WeightEnsemble, WiseMerge
 from mtil.models import lora as L
 from mtil.models.clip_loading import load_clip
+from tests.killing import run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-2", "--warmup-length", "1",
         "--max-evaluation-size", "16", "--batch-size-eval", "16", "--workers", "0", "--device", "cpu"]
@@ -249,17 +249,7 @@ def test_killed_mid_task_resumes_exactly(reference, tmp_path, monkeypatch, capsy
     """Killed at step 5 of task 2 (last checkpoint: step 4): latest.pth holds plain base weights plus the
     adapters in the component's state; the same command resumes and ends with the same weights."""
     save = tmp_path / "run"
-    original = Finetune.after_step
-
-    def die(self, run):
-        original(self, run)
-        if run.state.completed == ["ToyShape"] and run.state.step == 5:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", die)
-        with pytest.raises(SystemExit):
-            main([*TWO_TASKS, "--save", str(save)])
+    run_killed_at(monkeypatch, [*TWO_TASKS, "--save", str(save)], ["ToyShape"], 5)
     latest = load(save / "latest.pth")
     assert latest["state"]["step"] == 4 and "optimizer" in latest
     assert list(latest["model"]) == list(plain_model().state_dict())

@@ -20,9 +20,9 @@ from mtil.datasets.toyworld import ToyTaskDataset
 from mtil.evaluation import matrix as mx
 from mtil.main import main
 from mtil.methods.distillation import SentenceFeatures, distill
-from mtil.methods.finetune import Finetune
 from mtil.methods.icarl import ICaRL, herding
 from mtil.methods.reference_distillation import ZSCL, ReferenceDistillation
+from tests.killing import run_killed_at
 
 torch.set_num_threads(1)  # 2 shared cores: more OpenMP threads only spin-wait (see tests/test_engine.py)
 
@@ -291,17 +291,7 @@ def test_stateful_method_resumes_exactly(tmp_path, monkeypatch):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main([*STATEFUL, "--save", str(straight)]) == 0
 
-    original = Finetune.after_step  # LwF's own (inherited) hook, run before L2's and WE's
-
-    def die_in_task_2(self, run):
-        original(self, run)
-        if run.state.completed == ["ToyShape"] and run.state.step == 5:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", die_in_task_2)
-        with pytest.raises(SystemExit):
-            main([*STATEFUL, "--save", str(killed)])
+    run_killed_at(monkeypatch, [*STATEFUL, "--save", str(killed)], ["ToyShape"], 5)
     latest = load(killed / "latest.pth")
     assert latest["state"]["completed"] == ["ToyShape"] and latest["state"]["step"] == 4
     methods = latest["methods"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mtil.main import main
-from mtil.methods.finetune import Finetune
 from mtil.methods.ogd import (
     DEFAULT_PATTERNS,
     OrthogonalGradients,
@@ -21,6 +20,7 @@ from mtil.methods.ogd import (
     orthonormal_basis,
     project_out,
 )
+from tests.killing import run_killed_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,17 +250,7 @@ def test_killed_mid_task_resumes_with_the_same_basis(first, tmp_path, monkeypatc
     resumes with the saved basis and snapshots and ends exactly as the uninterrupted run."""
     reference, _ = first
     save = tmp_path / "run"
-    original = Finetune.after_step
-
-    def after_step_then_die(self, run):
-        original(self, run)
-        if run.state.completed == ["ToyShape"] and run.state.step == 5:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", after_step_then_die)
-        with pytest.raises(SystemExit):
-            main([*TWO_TASKS, "--save", str(save)])
+    run_killed_at(monkeypatch, [*TWO_TASKS, "--save", str(save)], ["ToyShape"], 5)
     latest = load(save / "latest.pth")
     assert latest["state"]["step"] == 4
     state = latest["methods"]["ogd"]

@@ -32,6 +32,7 @@ from mtil.engine.sequence import SequenceRunner
 from mtil.evaluation import matrix as mx
 from mtil.main import main
 from mtil.methods.finetune import Finetune
+from tests.killing import run_killed_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,17 +161,7 @@ def test_killed_mid_task_then_rerun_matches(reference, tmp_path, monkeypatch, ca
     """(c) Killed at step 5 of task 2 (last checkpoint: step 4). Another configuration is refused; the same
     command resumes from step 4 and ends identically; --force-resume resumes with another configuration."""
     save = tmp_path / "run"
-    original = Finetune.after_step
-
-    def after_step_then_die(self, run):
-        original(self, run)
-        if run.state.completed == ["ToyShape"] and run.state.step == 5:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", after_step_then_die)
-        with pytest.raises(SystemExit):
-            main(command(save))
+    run_killed_at(monkeypatch, command(save), ["ToyShape"], 5)
     latest = load(save / "latest.pth")
     assert latest["state"]["completed"] == ["ToyShape"]
     assert latest["state"]["step"] == 4 and latest["iteration"] == 10
@@ -240,17 +231,7 @@ def test_method_state_survives_a_mid_task_resume(tmp_path, monkeypatch):
             "--batch-size", "4", "--warmup-length", "1", "--lr", "1e-3", "--eval-datasets", "ToyShape",
             "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2",
             "--save", str(save)]
-    original = StepCounter.after_step
-
-    def die_at_3(self, run):
-        original(self, run)
-        if run.state.step == 3:
-            raise SystemExit(137)
-
-    with monkeypatch.context() as m:
-        m.setattr(StepCounter, "after_step", die_at_3)
-        with pytest.raises(SystemExit):
-            main(argv)
+    run_killed_at(monkeypatch, argv, [], 3, method=StepCounter)
     assert load(save / "latest.pth")["methods"]["counting"] == {"steps_in_task": 2, "tasks_started": 1}
     assert main(argv) == 0
     assert load(save / "ToyShape.pth")["methods"]["counting"] == {"steps_in_task": 4, "tasks_started": 1}
@@ -264,18 +245,8 @@ def test_linear_head_modes_resume_exactly(mode, tmp_path, monkeypatch):
             "--batch-size", "8", "--warmup-length", "1", "--lr", "1e-3", "--eval-datasets", "ToyShape",
             "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2"]
     assert main([*argv, "--save", str(tmp_path / "straight")]) == 0
-    original = Finetune.after_step
-
-    def die_at_3(self, run):
-        original(self, run)
-        if run.state.step == 3:
-            raise SystemExit(137)
-
     killed = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        m.setattr(Finetune, "after_step", die_at_3)
-        with pytest.raises(SystemExit):
-            main([*argv, "--save", str(killed)])
+    run_killed_at(monkeypatch, [*argv, "--save", str(killed)], [], 3)
     assert load(killed / "latest.pth")["state"]["step"] == 2
     assert main([*argv, "--save", str(killed)]) == 0
     want, got = load(tmp_path / "straight" / "ToyShape.pth"), load(killed / "ToyShape.pth")

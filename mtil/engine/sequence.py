@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from mtil.methods.base import Method
 from mtil.models.architectures import Architecture
 from mtil.models.clip_loading import load_clip, model_from_state_dict, resolve_device
 from mtil.models.lora import base_state_dict
-from mtil.models.train_modes import LINEAR_HEAD_MODES, LinearHead, parameters_of, select_trainable, trains_text
+from mtil.models.train_modes import LinearHead, parameters_of, select_trainable, trains_text
 from mtil.seeding import seed_everything
 
 
