@@ -9,7 +9,7 @@
 set -euo pipefail
 SAVE=${1:-ckpt/chain_local}
 shift || true
-DATASETS=${DATASETS:-"ToyShape ToyColor ToyPattern ToyCount ToyPosition"}
+DATASETS=${DATASETS:-"ToyPosition ToyPattern ToyColor"}
 MODEL=${MODEL:-tiny-vit}
 PYTHON=${PYTHON:-.venv/bin/python}
 EVAL=$(echo "$DATASETS" | tr ' ' ',')
