@@ -335,3 +335,15 @@ def test_distillation_acts_in_image_mode(recorded_losses):
                  "--iterations", "3", "--eval-datasets", "ToyShape"]) == 0
     later = terms_at(recorded_losses, 0, 2)
     assert later and all(v > 1e-7 for v in later.values()), later
+
+
+def test_missing_reference_data_is_reported_before_anything_is_written(tmp_path, capsys):
+    """ZSCL's reference images, sentences and teacher are checked up front, all in one line, so the corrected
+    command is not refused later as 'a different configuration' of a half-started run."""
+    save = tmp_path / "run"
+    code = main([*FAST, "--method", "ZSCL", "--train-dataset", "ToyShape", "--iterations", "2",
+                 "--data-location", str(tmp_path / "empty"), "--ref-model", "nope", "--save", str(save)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "ImageNet" in err[0] and "Conceptual Captions" in err[0] and "--ref-model 'nope'" in err[0]
+    assert not save.exists()

@@ -1,7 +1,6 @@
 """The built-in benchmark (``mtil.datasets.toyworld``) registered by name: needs no files."""
 from __future__ import annotations
 
-
 from mtil.datasets import toyworld
 from mtil.datasets.base import TaskData
 from mtil.datasets.registry import register

@@ -100,6 +100,11 @@ class SequenceRunner:
                                     f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
             except UserError as exc:
                 problems.append(str(exc))
+        for component in self.components:
+            try:
+                component.check_inputs()
+            except UserError as exc:
+                problems.append(str(exc))
         if problems:
             raise UserError("; ".join(problems))
 

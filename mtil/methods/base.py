@@ -38,6 +38,10 @@ class Method:
         """Called once the run's model is built, before anything is evaluated or written: refuse flags that do not
         fit this model now (a UserError), not at the first task's start."""
 
+    def check_inputs(self) -> None:
+        """Called before anything is evaluated or written: refuse missing reference data now (a UserError), so a
+        corrected command is not mistaken for a different configuration of a half-started run."""
+
     def before_task(self, run: "Run", task: "TaskContext") -> None:
         pass
 

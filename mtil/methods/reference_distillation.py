@@ -11,6 +11,7 @@ The subclasses differ only in the teacher, the reference images and the sentence
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from mtil.errors import UserError
 from mtil.methods.distillation import SentenceFeatures, distill, frozen_copy, random_token_sentences
 from mtil.methods.finetune import Finetune
 from mtil.methods.weight_averaging import interpolate, load_into
+from mtil.models.clip_loading import model_names
 from mtil.models.transforms import eval_transform
 
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
@@ -165,6 +167,27 @@ class ZSCL(ReferenceDistillation):
             load_into(teacher, zeroshot)
         return teacher
 
+    def check_inputs(self) -> None:
+        cfg = self.config
+        checks = []
+        if cfg.ref_dataset not in CAPTION_DATASETS:
+            checks.append(lambda: open_dataset(cfg.ref_dataset, cfg.data_location, cfg.download))
+        if cfg.ref_sentences == "conceptual_captions":
+            checks.append(lambda: conceptual_captions(cfg.data_location))
+        elif cfg.ref_sentences.startswith("dataset:"):
+            for name in filter(None, cfg.ref_sentences[len("dataset:"):].split(",")):
+                checks.append(lambda name=name: open_dataset(name, cfg.data_location, cfg.download))
+        if cfg.ref_model:
+            checks.append(lambda: _require_model(cfg.ref_model))
+        problems = []
+        for check in checks:
+            try:
+                check()
+            except UserError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UserError("; ".join(problems))
+
     def reference_images(self, run, task):
         name = self.config.ref_dataset
         if name in CAPTION_DATASETS:
@@ -176,6 +199,11 @@ class ZSCL(ReferenceDistillation):
 
 
 SENTENCE_SPECS = ("conceptual_captions", "random", "ToyCaptions", "ref")
+
+
+def _require_model(name: str) -> None:
+    if not Path(name).is_file() and name not in model_names():
+        raise UserError(f"--ref-model {name!r} is neither a file nor a model name ({', '.join(model_names())})")
 
 
 def check_sentence_spec(spec: str) -> None:
