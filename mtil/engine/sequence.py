@@ -128,7 +128,8 @@ class SequenceRunner:
                 f"use another --save (a chain's next link must --load a checkpoint from that folder)"
             )
         if self.config.force_resume:
-            print(f"--force-resume: resuming although these settings changed: {', '.join(differences)}")
+            print(f"--force-resume: resuming although these settings changed: {', '.join(differences)} (a task "
+                  f"interrupted mid-way keeps its saved optimiser and schedule; new settings apply from the next task)")
             return saved
         raise UserError(
             f"{self.save_dir} holds an unfinished run with different settings ({', '.join(differences[:6])}); "
