@@ -261,6 +261,16 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError("--we and --ema both average the weights: choose one")
     if args.wise_ft and not args.load:
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
+    if args.eval_only or args.eval_single:
+        training = [flag for flag, given in (
+            ("--train-dataset", args.train_dataset), ("--sequence", args.sequence), ("--lora", args.lora),
+            ("--orthogonal-gradients", args.orthogonal_gradients is not None), ("--we", args.we),
+            ("--ema", args.ema is not None), ("--wise-merge", args.wise_merge), ("--l2", args.l2 > 0),
+            ("--method", args.method != "finetune")) if given]
+        if training:
+            mode = "--eval-only" if args.eval_only else "--eval-single"
+            raise UserError(f"{mode} evaluates without training, so {', '.join(training)} would do nothing: drop "
+                            f"{'it' if len(training) == 1 else 'them'} (or drop {mode} to train)")
     if args.train_dataset and args.sequence:
         raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
     if not args.ogd_params:

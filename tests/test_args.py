@@ -128,3 +128,12 @@ def test_prompt_with_another_format_field_is_a_one_line_error(tmp_path, capsys):
     names.write_text("cat\ndog\n")
     _assert_one_line_error(capsys, ["--model", "micro-vit", "--eval-single", str(image), "--class-names",
                                     str(names), "--prompt", "a {} in {style}", "--device", "cpu"], "--prompt")
+
+
+@pytest.mark.parametrize("flags", [["--train-dataset", "ToyShape"], ["--lora"], ["--we"], ["--method", "ZSCL"],
+                                   ["--orthogonal-gradients", "3"]])
+def test_training_flags_with_eval_only_are_refused(flags, capsys):
+    """A training flag under --eval-only would parse and do nothing: one line, exit 2."""
+    assert main(["--model", "micro-vit", "--eval-only", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0] and "--eval-only" in err[0]
