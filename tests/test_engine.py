@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +18,10 @@ from mtil.evaluation import matrix as mx
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.main import main
 from mtil.models.text import zeroshot_head
-from tests.killing import run_killed_at
+from tests.helpers import load, run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
         "--max-evaluation-size", "8", "--batch-size-eval", "16", "--workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test machine has 2 shared cores: two OpenMP threads fighting other processes make a step 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -51,10 +41,6 @@ def steps_per_optimizer(calls) -> list[int]:
     for opt, _ in calls:
         counts[id(opt)] = counts.get(id(opt), 0) + 1
     return list(counts.values())
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------ step counts
@@ -106,29 +92,28 @@ def test_mid_task_evaluation_uses_the_current_text_encoder(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------ schedule
 
 
-def test_warmup_cosine_schedule_values():
+def _lr_trace(peak: float, warmup: int, total: int, steps: int) -> list[float]:
+    """The learning rate at each of ``steps`` optimiser steps under ``warmup_cosine``."""
     param = nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    scheduler = warmup_cosine(optimizer, warmup=4, total=12)
+    optimizer = torch.optim.SGD([param], lr=peak)
+    scheduler = warmup_cosine(optimizer, warmup=warmup, total=total)
     lrs = []
-    for _ in range(13):
+    for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_warmup_cosine_schedule_values():
+    lrs = _lr_trace(2.0, warmup=4, total=12, steps=13)
     expected = [2.0 * (s + 1) / 4 for s in range(4)]  # 0.5, 1.0, 1.5, 2.0
     expected += [2.0 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 8)) for s in range(4, 13)]
     assert lrs == pytest.approx(expected, abs=1e-12)
     assert lrs[4] == pytest.approx(2.0) and lrs[8] == pytest.approx(1.0) and lrs[12] == pytest.approx(0.0)
     # No warm-up: the peak at step 0, then cosine down to 0 at the last step.
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = warmup_cosine(optimizer, warmup=0, total=4)
-    values = []
-    for _ in range(5):
-        values.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert values == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)),
-                                    0.0])
+    assert _lr_trace(1.0, warmup=0, total=4, steps=5) == pytest.approx(
+        [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
 
 
 # ------------------------------------------------------------------------------------------------ data stream

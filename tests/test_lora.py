@@ -7,7 +7,6 @@ runs are in-process ``main([...])`` calls with a few steps on the toy datasets.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from mtil.main import main
 from mtil.methods.weight_averaging import WeightEnsemble, WiseMerge
 from mtil.models import lora as L
 from mtil.models.clip_loading import load_clip
-from tests.killing import run_killed_at
+from tests.helpers import load, run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-2", "--warmup-length", "1",
         "--max-evaluation-size", "16", "--batch-size-eval", "16", "--workers", "0", "--device", "cpu"]
@@ -25,21 +24,9 @@ TWO_TASKS = [*FAST, "--train-dataset", "ToyShape,ToyColor", "--iterations", "6",
              "--lora", "--lora-r", "4", "--lora-dropout", "0.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def small_toy_train(monkeypatch):
     monkeypatch.setitem(ToyTaskDataset.default_sizes, "train", 48)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def plain_model(name: str = "micro-vit"):

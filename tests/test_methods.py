@@ -22,9 +22,7 @@ from mtil.main import main
 from mtil.methods.distillation import SentenceFeatures, distill
 from mtil.methods.icarl import ICaRL, herding
 from mtil.methods.reference_distillation import ZSCL, ReferenceDistillation
-from tests.killing import run_killed_at
-
-torch.set_num_threads(1)  # 2 shared cores: more OpenMP threads only spin-wait (see tests/test_engine.py)
+from tests.helpers import load, run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
         "--max-evaluation-size", "24", "--batch-size-eval", "24", "--workers", "0", "--device", "cpu"]
@@ -33,22 +31,10 @@ ZSCL_TOY = ["--method", "ZSCL", "--ref-dataset", "ToyCaptions", "--ref-sentences
 DISTILL_TERMS = {"distill_image", "distill_text", "feature_mse", "distill_image_image"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def small_toy_train(monkeypatch):
     """64 training images per toy task (iCaRL encodes the whole training set at each task's end)."""
     monkeypatch.setitem(ToyTaskDataset.default_sizes, "train", 64)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------ distill

@@ -20,7 +20,7 @@ from mtil.methods.ogd import (
     orthonormal_basis,
     project_out,
 )
-from tests.killing import run_killed_at
+from tests.helpers import load, run_killed_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,18 +29,6 @@ COMMAND = ["--model", "micro-vit", "--iterations", "6", "--batch-size", "8", "--
            "--batch-size-eval", "8", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2",
            "--orthogonal-gradients", "3"]
 TWO_TASKS = [*COMMAND, "--train-dataset", "ToyShape,ToyColor", "--ogd-save-raw"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def random_orthonormal(rows: int, width: int, seed: int) -> torch.Tensor:

@@ -32,22 +32,13 @@ from mtil.engine.sequence import SequenceRunner
 from mtil.evaluation import matrix as mx
 from mtil.main import main
 from mtil.methods.finetune import Finetune
-from tests.killing import run_killed_at
+from tests.helpers import load, run_killed_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMAND = ["--model", "micro-vit", "--train-dataset", "ToyShape,ToyColor", "--iterations", "6",
            "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "2", "--max-evaluation-size", "24",
            "--batch-size-eval", "24", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test machine has 2 shared cores: two OpenMP threads fighting other processes make a step 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def command(save: Path, *extra: str) -> list[str]:
@@ -63,10 +54,6 @@ def optimizer_steps():
         yield calls
     finally:
         handle.remove()
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def outcome(save: Path) -> dict:

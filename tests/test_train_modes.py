@@ -25,15 +25,6 @@ FAST = ["--model", "micro-vit", "--train-dataset", "ToyShape", "--batch-size", "
         "--batch-size-eval", "16", "--workers", "0", "--device", "cpu", "--checkpoint-interval", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test machine has 2 shared cores: two OpenMP threads fighting other processes make a step 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def _small_train_split(monkeypatch):
     """48 training images per toy task: fc mode encodes the whole split, and nothing here needs more."""

@@ -27,19 +27,10 @@ from mtil.methods.weight_averaging import (
     load_into,
 )
 from mtil.models.clip_loading import load_clip
-
-torch.set_num_threads(1)  # 2 shared cores: more OpenMP threads only spin-wait (see tests/test_engine.py)
+from tests.helpers import load
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
         "--max-evaluation-size", "24", "--batch-size-eval", "24", "--workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------------ fake runs
@@ -199,10 +190,6 @@ def record_after_step(monkeypatch, component: type) -> list[dict[str, torch.Tens
 
 def zeroshot_micro() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in load_clip("micro-vit", seed=0).model.named_parameters()}
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("wise", [False, True])

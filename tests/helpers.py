@@ -1,16 +1,23 @@
-"""Simulate a kill mid-task: the files on disk are then exactly what a SIGKILL would leave."""
+"""Helpers shared by the run-level tests: reading checkpoints, and killing a run mid-task."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import pytest
+import torch
 
 from mtil.main import main
 from mtil.methods.finetune import Finetune
 
 
+def load(path: Path) -> dict:
+    """A checkpoint as mtil reads it (``weights_only=True``: a test fails if anything pickled sneaks in)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def run_killed_at(monkeypatch, argv: Sequence[str], completed: list[str], step: int, method=Finetune) -> None:
-    """Run ``argv`` in-process and die (SystemExit 137) right after ``step`` of the task that follows
+    """Simulate a kill: the files on disk are then exactly what a SIGKILL would leave. Run ``argv`` in-process and die (SystemExit 137) right after ``step`` of the task that follows
     ``completed``; the last periodic checkpoint before it is what a resumed run starts from. ``method`` is the
     class whose ``after_step`` is wrapped (every method inherits Finetune's; components' hooks run after it)."""
     original = method.after_step
