@@ -12,6 +12,10 @@ from mtil.engine.run import Run, TaskContext
 from mtil.methods.base import Method
 
 
+REPORT_EVERY = 10  # steps between progress-bar updates of the loss terms
+LOG_EVERY = 50  # steps between log lines (a multiple of REPORT_EVERY)
+
+
 def train_steps(run: Run, task: TaskContext, components: Sequence[Method], stream_id: int, *,
                 stop: StopFlag, save_latest: Callable[[], None],
                 evaluate_mid_task: Callable[[], None] | None = None) -> None:
@@ -51,13 +55,15 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
                 component.after_step(run)
 
             bar.update(1)
-            bar.set_postfix({**{k: f"{v.item():.4f}" for k, v in losses.items()},
-                             "lr": f"{task.scheduler.get_last_lr()[0]:.2e}"}, refresh=False)
-            if state.step % 50 == 0 or state.step == task.total_steps:
-                run.log.info("%s step %d/%d %s lr %.3e", task.name, state.step, task.total_steps,
-                             " ".join(f"{k} {v.item():.4f}" for k, v in losses.items()),
-                             task.scheduler.get_last_lr()[0])
             last = state.step >= task.total_steps
+            # Reading a loss value waits for the GPU: do it every REPORT_EVERY steps, not every step.
+            if state.step % REPORT_EVERY == 0 or last:
+                values = {k: v.item() for k, v in losses.items()}
+                lr = task.scheduler.get_last_lr()[0]
+                bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{lr:.2e}"}, refresh=False)
+                if state.step % LOG_EVERY == 0 or last:
+                    run.log.info("%s step %d/%d %s lr %.3e", task.name, state.step, task.total_steps,
+                                 " ".join(f"{k} {v:.4f}" for k, v in values.items()), lr)
             if (evaluate_mid_task and config.eval_interval and not last
                     and state.step % config.eval_interval == 0):
                 evaluate_mid_task()
