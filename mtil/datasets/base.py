@@ -1,13 +1,46 @@
 """What every classification dataset looks like to the rest of mtil."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from mtil.errors import UserError
+
 SPLITS = ("train", "test")
+
+
+class MissingSplit(UserError, KeyError):
+    """A split a dataset does not have: a one-line ``UserError`` that is still a ``KeyError`` for older callers."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+@contextlib.contextmanager
+def reading_split(split: str) -> Iterator[None]:
+    """Label any exception raised inside with the split whose files were being read (see ``split_of``).
+
+    Openers that build a split eagerly (most build ``train`` to learn the class list) wrap it in this, so a
+    damaged file is reported with its split; ``TaskData.raw`` does it for every lazily opened split.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if split_of(exc) is None:
+            try:
+                exc.mtil_split = split  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):  # an exception type without a __dict__: no label
+                pass
+        raise
+
+
+def split_of(exc: BaseException) -> str | None:
+    """The split ``reading_split`` labelled ``exc`` with, or None (e.g. files shared by all splits)."""
+    return getattr(exc, "mtil_split", None)
 
 
 class Transformed(Dataset):
@@ -41,9 +74,10 @@ class TaskData:
 
     def raw(self, split: str) -> Dataset:
         if split not in self.openers:
-            raise KeyError(f"{self.name} has no {split!r} split (has {', '.join(self.openers)})")
+            raise MissingSplit(f"{self.name} has no {split!r} split (it has {', '.join(self.openers)})")
         if split not in self._opened:
-            self._opened[split] = self.openers[split]()
+            with reading_split(split):
+                self._opened[split] = self.openers[split]()
         return self._opened[split]
 
     def dataset(self, split: str, transform: Callable | None) -> Dataset:

@@ -1,4 +1,5 @@
-"""Folder datasets: ImageNet (and its subsets) and any ``train/ val|validation/ test/`` image folder."""
+"""Folder datasets: ImageNet (and its subsets) and any ``train/ val|validation/ test/`` image folder
+(``test/`` alone for a dataset used only for evaluation)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ import numpy as np
 from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
-from mtil.datasets.base import TaskData, readable_list, targets_of
+from mtil.datasets.base import TaskData, readable_list, reading_split, targets_of
 from mtil.datasets.classnames import IMAGENET_CLASSNAMES
 from mtil.datasets.registry import DatasetEntry, register, register_pattern
 from mtil.errors import UserError
@@ -38,7 +39,8 @@ def _imagenet_names(folder: ImageFolder) -> list[str]:
 @register("ImageNet", IMAGENET_LAYOUT, downloadable=False)
 def imagenet(root: Path, download: bool) -> TaskData:
     train_dir, val_dir = _imagenet_folders(root)
-    train = ImageFolder(str(train_dir))
+    with reading_split("train"):
+        train = ImageFolder(str(train_dir))
     return TaskData("ImageNet", _imagenet_names(train), get_templates("ImageNet"),
                     {"train": lambda: train, "test": lambda: ImageFolder(str(val_dir))})
 
@@ -82,7 +84,8 @@ def imagenet_first_classes(match: re.Match) -> DatasetEntry:
                         IMAGENET_LAYOUT, downloadable=False)
 
 
-FOLDER_LAYOUT = "PATH/train/<class>/*.jpg, PATH/test/<class>/ (or val/ or validation/), optional PATH/classnames.txt"
+FOLDER_LAYOUT = ("PATH/train/<class>/*.jpg, PATH/test/<class>/ (or val/ or validation/), optional "
+                 "PATH/classnames.txt (test/ alone for an evaluation-only dataset)")
 GENERIC_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a picture of a {}."]
 
 
@@ -95,34 +98,45 @@ def open_image_folder(root: Path, name: str) -> TaskData:
 
     Class names come from ``root/classnames.txt`` (one per line, in sorted folder order) when present, else from
     the folder names with underscores turned into spaces. Evaluation uses ``test/``, or ``val/`` when there is
-    no test folder.
+    no test folder. Without ``train/`` the dataset serves evaluation only (e.g. ImageNet-R placed as
+    ``root/test/<class>/``): its classes are the evaluation folder's and it has no train split.
     """
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist: expected {FOLDER_LAYOUT}")
     train_dir = root / "train"
     eval_dir = _first_existing(root, ("test", "val", "validation"))
-    if not train_dir.is_dir() or eval_dir is None:
-        raise UserError(f"image folder {root} lacks train/ or test|val|validation/: expected {FOLDER_LAYOUT}")
-    train = ImageFolder(str(train_dir), is_valid_file=_is_image)
+    if eval_dir is None:
+        lacks = "test|val|validation/" if train_dir.is_dir() else "train/ and test|val|validation/"
+        raise UserError(f"image folder {root} lacks {lacks}: expected {FOLDER_LAYOUT}")
+    val_dir = _first_existing(root, ("val", "validation"))
+    if train_dir.is_dir():
+        with reading_split("train"):
+            train = ImageFolder(str(train_dir), is_valid_file=_is_image)
+        classes, classes_from = train.classes, train_dir
+        openers = {"train": lambda: train, "test": lambda: _eval_folder(eval_dir, classes, train_dir)}
+    else:  # evaluation only: the evaluation folder defines the classes
+        with reading_split("test"):
+            evaluation = ImageFolder(str(eval_dir), is_valid_file=_is_image)
+        classes, classes_from = evaluation.classes, eval_dir
+        openers = {"test": lambda: evaluation}
     names_file = root / "classnames.txt"
     if names_file.is_file():
         classnames = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        if len(classnames) != len(train.classes):
-            raise UserError(f"{names_file} lists {len(classnames)} names but {train_dir} has "
-                            f"{len(train.classes)} class folders")
+        if len(classnames) != len(classes):
+            raise UserError(f"{names_file} lists {len(classnames)} names but {classes_from} has "
+                            f"{len(classes)} class folders")
     else:
-        classnames = readable_list(train.classes)
-    openers = {"train": lambda: train, "test": lambda: _eval_folder(eval_dir, train.classes)}
-    val_dir = _first_existing(root, ("val", "validation"))
+        classnames = readable_list(classes)
     if val_dir is not None:
-        openers["val"] = lambda: _eval_folder(val_dir, train.classes)
+        openers["val"] = lambda: _eval_folder(val_dir, classes, classes_from)
     return TaskData(name, classnames, GENERIC_TEMPLATES, openers)
 
 
-def _eval_folder(folder: Path, classes: list[str]) -> ImageFolder:
+def _eval_folder(folder: Path, classes: list[str], classes_from: Path) -> ImageFolder:
     data = ImageFolder(str(folder), is_valid_file=_is_image)
     if data.classes != classes:
-        raise UserError(f"{folder} has classes {data.classes[:5]}... which differ from train/ {classes[:5]}...")
+        raise UserError(f"{folder} has classes {data.classes[:5]}... which differ from {classes_from.name}/ "
+                        f"{classes[:5]}...")
     return data
 
 
@@ -130,4 +144,4 @@ def _eval_folder(folder: Path, classes: list[str]) -> ImageFolder:
 def image_folder(match: re.Match) -> DatasetEntry:
     path = Path(match.group(1))
     return DatasetEntry(match.group(0), lambda root, dl: open_image_folder(path, match.group(0)),
-                        FOLDER_LAYOUT, downloadable=False)
+                        FOLDER_LAYOUT, downloadable=False, root=path)

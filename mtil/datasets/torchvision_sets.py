@@ -1,7 +1,8 @@
 """The eleven MTIL datasets and CIFAR10, read through torchvision with the literature's splits and class names.
 
 Each dataset's root is ``--data-location``; torchvision's own folder names sit below it (see ``layout``).
-Nothing is downloaded unless ``--download`` is given.
+Nothing is downloaded unless ``--download`` is given. Most openers build the train split at once (for its class
+list) inside ``reading_split("train")``, so a damaged train file is reported as such.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from torchvision import datasets as tv
 
 from mtil.datasets import classnames as names
-from mtil.datasets.base import TaskData, seeded_split
+from mtil.datasets.base import TaskData, reading_split, seeded_split
 from mtil.datasets.registry import register
 from mtil.templates import get_templates
 
@@ -22,7 +23,8 @@ def _task(name: str, classnames: list[str], openers: dict) -> TaskData:
 @register("Aircraft", "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_train.txt, "
                       "images_variant_test.txt}")
 def aircraft(root: Path, download: bool) -> TaskData:
-    train = tv.FGVCAircraft(root, split="train", annotation_level="variant", download=download)
+    with reading_split("train"):
+        train = tv.FGVCAircraft(root, split="train", annotation_level="variant", download=download)
     return _task("Aircraft", train.classes, {
         "train": lambda: train,
         "test": lambda: tv.FGVCAircraft(root, split="test", annotation_level="variant", download=download),
@@ -38,7 +40,8 @@ def caltech101(root: Path, download: bool) -> TaskData:
 
 
 def _cifar(name: str, cls, layout_root: Path, download: bool) -> TaskData:
-    train = cls(layout_root, train=True, download=download)
+    with reading_split("train"):
+        train = cls(layout_root, train=True, download=download)
     return _task(name, [names.readable(c) for c in train.classes], {"train": lambda: train,
                                     "test": lambda: cls(layout_root, train=False, download=download)})
 
@@ -55,7 +58,8 @@ def cifar100(root: Path, download: bool) -> TaskData:
 
 @register("DTD", "dtd/dtd/{images/<texture>/*.jpg, labels/train1.txt, labels/test1.txt}")
 def dtd(root: Path, download: bool) -> TaskData:
-    train = tv.DTD(root, split="train", partition=1, download=download)
+    with reading_split("train"):
+        train = tv.DTD(root, split="train", partition=1, download=download)
     return _task("DTD", [names.readable(c) for c in train.classes], {
         "train": lambda: train,
         "test": lambda: tv.DTD(root, split="test", partition=1, download=download),
@@ -72,7 +76,8 @@ def eurosat(root: Path, download: bool) -> TaskData:
 
 @register("Flowers", "flowers-102/{jpg/image_*.jpg, imagelabels.mat, setid.mat}")
 def flowers(root: Path, download: bool) -> TaskData:
-    train = tv.Flowers102(root, split="train", download=download)
+    with reading_split("train"):
+        train = tv.Flowers102(root, split="train", download=download)
     return _task("Flowers", names.FLOWERS102_CLASSNAMES, {
         "train": lambda: train,
         "test": lambda: tv.Flowers102(root, split="test", download=download),
@@ -81,7 +86,8 @@ def flowers(root: Path, download: bool) -> TaskData:
 
 @register("Food", "food-101/{images/<dish>/*.jpg, meta/train.json, meta/test.json}")
 def food(root: Path, download: bool) -> TaskData:
-    train = tv.Food101(root, split="train", download=download)
+    with reading_split("train"):
+        train = tv.Food101(root, split="train", download=download)
     return _task("Food", [names.food101_readable(c) for c in train.classes], {
         "train": lambda: train,
         "test": lambda: tv.Food101(root, split="test", download=download),
@@ -90,7 +96,8 @@ def food(root: Path, download: bool) -> TaskData:
 
 @register("MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte")
 def mnist(root: Path, download: bool) -> TaskData:
-    train = tv.MNIST(root, train=True, download=download)
+    with reading_split("train"):
+        train = tv.MNIST(root, train=True, download=download)
     return _task("MNIST", names.MNIST_CLASSNAMES, {
         "train": lambda: train,
         "test": lambda: tv.MNIST(root, train=False, download=download),
@@ -99,7 +106,8 @@ def mnist(root: Path, download: bool) -> TaskData:
 
 @register("OxfordPet", "oxford-iiit-pet/{images/*.jpg, annotations/trainval.txt, annotations/test.txt}")
 def oxford_pet(root: Path, download: bool) -> TaskData:
-    train = tv.OxfordIIITPet(root, split="trainval", download=download)
+    with reading_split("train"):
+        train = tv.OxfordIIITPet(root, split="trainval", download=download)
     return _task("OxfordPet", [names.oxfordpet_readable(c) for c in train.classes], {
         "train": lambda: train,
         "test": lambda: tv.OxfordIIITPet(root, split="test", download=download),
@@ -111,7 +119,8 @@ def oxford_pet(root: Path, download: bool) -> TaskData:
                           "download is broken upstream: get the files from a mirror and place them so)",
           downloadable=False)
 def stanford_cars(root: Path, download: bool) -> TaskData:
-    train = tv.StanfordCars(root, split="train", download=download)
+    with reading_split("train"):
+        train = tv.StanfordCars(root, split="train", download=download)
     return _task("StanfordCars", list(train.classes), {
         "train": lambda: train,
         "test": lambda: tv.StanfordCars(root, split="test", download=download),
