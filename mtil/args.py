@@ -1,15 +1,25 @@
 """Every command-line flag of mtil, grouped as in ARGUMENTS.md (which is generated from this file).
 
-Multi-word flags accept both spellings (``--image-loss`` and ``--image_loss``): the seed's README and its code
-disagreed, and researchers' scripts use both.
+The core groups live here; each method and component adds its own group from its own file (see
+:mod:`mtil.registry`). Multi-word flags accept both spellings (``--image-loss`` and ``--image_loss``): the seed's
+README and its code disagreed, and researchers' scripts use both.
+
+Where a value comes from: the command line wins over ``--config FILE.yaml``, which wins over the defaults. The
+parsed namespace carries three private entries (never saved as settings): ``_cli`` and ``_file`` (the flags the
+command line and the config file set) and ``_defaults`` (every flag's default).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
+import os
 import string
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+import yaml
 
 from mtil.errors import UserError
 
@@ -32,12 +42,16 @@ def _spellings(flag: str) -> list[str]:
     return variants
 
 
-def _add(group, flag: str, *extra: str, **kwargs) -> None:
+def add_flag(group, flag: str, *extra: str, path: bool = False, **kwargs) -> argparse.Action:
+    """Add a flag under both spellings; ``path=True`` marks a file or folder (compared as resolved paths on
+    resume). Method files use this for their own flags."""
     names: list[str] = []
     for f in (flag, *extra):
         names += [n for n in _spellings(f) if n not in names]
     kwargs.setdefault("dest", flag[2:].replace("-", "_"))
-    group.add_argument(*names, **kwargs)
+    action = group.add_argument(*names, **kwargs)
+    action.is_path = path
+    return action
 
 
 def _checked(convert, accept, requirement: str, name: str):
@@ -46,9 +60,9 @@ def _checked(convert, accept, requirement: str, name: str):
     def parse(text: str):
         try:
             value = convert(text)
-        except ValueError:
+        except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
-        if not accept(value):
+        if isinstance(value, float) and not math.isfinite(value) or not accept(value):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
@@ -62,16 +76,48 @@ positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive
 non_negative_float = _checked(float, lambda v: v >= 0, "a number of 0 or more", "non_negative_float")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
 open_unit_interval = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1), e.g. 0.999", "open_unit_interval")
-label_smoothing = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "label_smoothing")
-dropout = label_smoothing
+half_open_unit = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "half_open_unit")
+label_smoothing = half_open_unit
+dropout = half_open_unit
 energy_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "energy_fraction")
 
 
-def _name_list(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
+    """``'a, b,,c'`` -> ``['a', 'b', 'c']``."""
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+_name_list = name_list
+LR_PARTS = ("image", "text", "head")
+
+
+def lr_multipliers(text: str) -> dict[str, float]:
+    """``image=1,text=0.1,head=10`` -> {part: factor}; parts: image, text, head (argparse reports the flag)."""
+    out: dict[str, float] = {}
+    for item in name_list(text):
+        part, _, value = item.partition("=")
+        part = part.strip()
+        if part not in LR_PARTS:
+            raise argparse.ArgumentTypeError(f"unknown part {part!r} in {item!r}; parts: {', '.join(LR_PARTS)}")
+        try:
+            factor = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected PART=NUMBER, e.g. text=0.1") from None
+        if not math.isfinite(factor) or factor < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the factor must be a number of 0 or more")
+        out[part] = factor
+    return out
+
+
+# Flags that only shape optimisation: they do nothing under --eval-only or for a training-free method.
+OPTIMISATION_FLAGS = ("iterations", "epochs", "batch_size", "optimizer", "lr", "momentum", "wd", "beta2", "ls",
+                      "warmup_length", "lr_multipliers", "freeze")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mtil import registry
+    from mtil.models.train_modes import TRAIN_MODES
+
     parser = _OneLineParser(
         prog="python -m mtil.main",
         description="Continual learning and adaptation of CLIP models.",
@@ -79,221 +125,288 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("Model", "Which CLIP to use and where its weights are.")
-    _add(g, "--model", default="ViT-B/16",
-         help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
-              "ViT-L/14@336px), a tiny test architecture (tiny-vit, tiny-rn, micro-vit), or a path to a weights file.")
-    _add(g, "--clip-root", default="clip",
-         help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
-    _add(g, "--untrained", action="store_true",
-         help="Build the named architecture with random weights instead of loading weights.")
-    _add(g, "--load", default=None,
-         help="Weights to start from: an mtil checkpoint, an OpenAI CLIP file, or an original ZSCL "
-              "checkpoint ({'state_dict': ...}, with or without a 'module.' prefix).")
-    _add(g, "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+    add_flag(g, "--model", default="ViT-B/16",
+             help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
+                  "ViT-L/14@336px), a tiny test architecture (tiny-vit, tiny-rn, micro-vit), or a path to a weights "
+                  "file.")
+    add_flag(g, "--clip-root", default="clip", path=True,
+             help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
+    add_flag(g, "--untrained", action="store_true",
+             help="Build the named architecture with random weights instead of loading weights.")
+    add_flag(g, "--load", default=None, path=True,
+             help="Weights to start from: an mtil checkpoint, an OpenAI CLIP file, or an original ZSCL "
+                  "checkpoint ({'state_dict': ...}, with or without a 'module.' prefix).")
+
+    g = parser.add_argument_group("Hardware", "Where and how fast it runs (never changes what a run computes, "
+                                              "except --precision).")
+    add_flag(g, "--device", default="auto",
+             help="auto (CUDA when available, else CPU, with a warning), cpu, cuda or cuda:N.")
+    add_flag(g, "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+             help="Arithmetic of the forward passes (autocast; fp16 adds a gradient scaler). auto: bf16 on a GPU "
+                  "that supports it, else fp32 (always fp32 on CPU). Weights, losses and weight averages stay fp32.")
+    add_flag(g, "--threads", type=positive_int, default=None,
+             help="CPU threads of torch (default: the CPUs this process may use, capped by SLURM_CPUS_PER_TASK; "
+                  "OMP_NUM_THREADS, when set, is respected).")
+    add_flag(g, "--workers", type=non_negative_int, default=2,
+             help="DataLoader worker processes (0 loads in the main process).")
 
     g = parser.add_argument_group("Data", "Where datasets live and how they are read.")
-    _add(g, "--data-location", default="data", help="Root folder of all datasets.")
-    _add(g, "--download", action="store_true",
-         help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
-    _add(g, "--workers", type=non_negative_int, default=2, help="DataLoader worker processes (0 loads in the main process).")
-    _add(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
+    add_flag(g, "--data-location", default="data", path=True, help="Root folder of all datasets.")
+    add_flag(g, "--download", action="store_true",
+             help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
+    add_flag(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
 
     g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
-    _add(g, "--method", default="finetune",
-         help="Training method: finetune, lwf, lwf-vr, ZSCL, icarl, or contrastive (CLIP's image-text loss on a "
-              "caption dataset, e.g. for pre-training).")
-    _add(g, "--train-mode", default="whole",
-         choices=["whole", "image", "text", "image-fc", "image-fc-fixed", "fc"],
-         help="Which parts of CLIP train (see README: Train modes).")
-    _add(g, "--train-dataset", default=None,
-         help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
-    _add(g, "--sequence", default=None, metavar="YAML",
-         help="Sequence file: a list of tasks with per-task settings (lr, iterations, epochs, batch_size, ...).")
-    _add(g, "--iterations", type=positive_int, default=None, help="Optimiser steps per task (exactly this many).")
-    _add(g, "--epochs", type=positive_int, default=None, help="Epochs per task instead of --iterations.")
-    _add(g, "--batch-size", type=positive_int, default=64, help="Training batch size.")
-    _add(g, "--lr", type=positive_float, default=1e-5, help="Peak learning rate (AdamW).")
-    _add(g, "--wd", type=non_negative_float, default=0.0, help="AdamW weight decay.")
-    _add(g, "--beta2", type=float, default=0.999, help="AdamW beta2.")
-    _add(g, "--ls", type=label_smoothing, default=0.0, help="Label smoothing of the cross-entropy.")
-    _add(g, "--warmup-length", type=non_negative_int, default=100, help="Linear warm-up steps, then cosine decay to 0.")
-    _add(g, "--freeze", type=_name_list, default=None, metavar="PATTERNS",
-         help="Comma-separated parameter-name patterns (fnmatch, e.g. 'visual.conv1.*,token_embedding.*') "
-              "kept frozen on top of --train-mode.")
-    _add(g, "--deterministic", action="store_true",
-         help="Bitwise-reproducible kernels (torch.use_deterministic_algorithms); slower on GPU.")
+    methods = registry.registered("method")
+    add_flag(g, "--method", default="finetune", choices=registry.method_names(), metavar="NAME",
+             help="Training method: " + "; ".join(f"{n}: {methods[n].summary}" for n in registry.method_names())
+                  + ".")
+    add_flag(g, "--train-mode", default="whole", choices=list(TRAIN_MODES),
+             help="Which parts of CLIP train (see README: Train modes).")
+    add_flag(g, "--train-dataset", default=None,
+             help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
+    add_flag(g, "--sequence", default=None, metavar="YAML", path=True,
+             help="Sequence file: a list of tasks with per-task settings (lr, iterations, epochs, batch_size, ...).")
+    add_flag(g, "--iterations", type=positive_int, default=None, help="Optimiser steps per task (exactly this many).")
+    add_flag(g, "--epochs", type=positive_int, default=None, help="Epochs per task instead of --iterations.")
+    add_flag(g, "--batch-size", type=positive_int, default=64, help="Training batch size.")
+    add_flag(g, "--optimizer", default="adamw", choices=["adamw", "sgd"],
+             help="adamw (betas 0.9, --beta2; decoupled --wd) or sgd (--momentum; --wd as L2 in the gradient). "
+                  "OGD's own paper uses plain SGD, where the update itself is orthogonal to the stored basis.")
+    add_flag(g, "--lr", type=positive_float, default=1e-5,
+             help="Peak learning rate. Typed here (or in --config), it wins over a named order's per-task lr.")
+    add_flag(g, "--momentum", type=half_open_unit, default=0.0, help="SGD momentum (--optimizer sgd).")
+    add_flag(g, "--wd", type=non_negative_float, default=0.0, help="Weight decay.")
+    add_flag(g, "--beta2", type=half_open_unit, default=0.999, help="AdamW beta2, in [0, 1).")
+    add_flag(g, "--ls", type=label_smoothing, default=0.0, help="Label smoothing of the cross-entropy.")
+    add_flag(g, "--warmup-length", type=non_negative_int, default=100,
+             help="Linear warm-up steps, then cosine decay to 0.")
+    add_flag(g, "--lr-multipliers", type=lr_multipliers, default={}, metavar="PART=X,...",
+             help="Per-part learning-rate factors, parts image (visual.*), text (the rest of CLIP) and head (a "
+                  "linear head), e.g. 'text=0.1,head=10'; unnamed parts keep factor 1.")
+    add_flag(g, "--freeze", type=name_list, default=None, metavar="PATTERNS",
+             help="Comma-separated parameter-name patterns (fnmatch, e.g. 'visual.conv1.*,token_embedding.*') "
+                  "kept frozen on top of --train-mode.")
+    add_flag(g, "--deterministic", action="store_true",
+             help="Bitwise-reproducible kernels (torch.use_deterministic_algorithms; no TF32); slower on GPU.")
+    add_flag(g, "--log-every", type=non_negative_int, default=50,
+             help="Print a progress line (loss terms, lr, images/s, ETA) every N steps, also when stdout is not a "
+                  "terminal, e.g. in a SLURM log (0: never).")
 
-    g = parser.add_argument_group("Distillation (ZSCL, LwF, LwF-VR, iCaRL)",
-                                  "Reference data and losses of the distillation methods.")
-    _add(g, "--ref-dataset", default="ImageNet",
-         help="ZSCL's reference images: any registered dataset (ImageNet, ImageNetSubset:N, ...) or ToyCaptions.")
-    _add(g, "--ref-sentences", default="conceptual_captions",
-         help="ZSCL's reference sentences: conceptual_captions, random (10-token random sequences), ToyCaptions, "
-              "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
-    _add(g, "--ref-sentences-count", type=positive_int, default=5000,
-         help="How many random-token / ToyCaptions sentences to draw (random, ToyCaptions, lwf-vr).")
-    _add(g, "--ref-batch-size", type=positive_int, default=None, help="Reference images per step (default: --batch-size).")
-    _add(g, "--ref-model", default=None,
-         help="ZSCL teacher weights (a file or model name) instead of the zero-shot model.")
-    _add(g, "--ref-wise", action="store_true",
-         help="ZSCL teacher = alpha * current + (1 - alpha) * zero-shot weights, rebuilt at each task start.")
-    _add(g, "--ref-wise-alpha", type=unit_interval, default=0.8, help="alpha of --ref-wise.")
-    _add(g, "--T", type=positive_float, default=2.0, dest="T", help="Distillation temperature.")
-    _add(g, "--image-loss", action="store_true",
-         help="Distil over sentences (softmax per reference image). Without --image-loss and --text-loss both are on.")
-    _add(g, "--text-loss", action="store_true", help="Distil over reference images (softmax per sentence).")
-    _add(g, "--feature-mse", action="store_true", help="Add MSE between student and teacher reference image features.")
-    _add(g, "--image-image-loss", action="store_true",
-         help="Ablation: distil image-image similarities of the reference batch (diagonal masked).")
-    _add(g, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
-    _add(g, "--memory-size", type=positive_int, default=2000, help="iCaRL: exemplars kept over all past tasks.")
-    _add(g, "--icarl-teacher", default="previous", choices=["previous", "zeroshot"],
-         help="iCaRL distillation teacher: the model from the end of the previous task, or the zero-shot model.")
-
-    g = parser.add_argument_group("Weight averaging and consolidation", "Components that combine with any method.")
-    _add(g, "--l2", type=non_negative_float, default=0.0, help="Weight of the L2 penalty to the task-start weights (0: off).")
-    _add(g, "--we", action="store_true",
-         help="Weight ensembling: average the weights every --avg-freq steps; the task's result is the average.")
-    _add(g, "--avg-freq", type=positive_int, default=100, help="Steps between weight-ensembling updates.")
-    _add(g, "--we-wise", action="store_true",
-         help="With --we: the result is alpha * average + (1 - alpha) * task-start weights.")
-    _add(g, "--we-wise-alpha", type=unit_interval, default=0.98, help="alpha of --we-wise.")
-    _add(g, "--ema", type=open_unit_interval, default=None, metavar="DECAY",
-         help="Exponential moving average of the weights with this decay (e.g. 0.999); the task's result is the EMA.")
-    _add(g, "--wise-merge", action="store_true",
-         help="WiSE-FT after each task: weights = alpha * trained + (1 - alpha) * reference (--wise-ref).")
-    _add(g, "--wise-ft-alpha", type=unit_interval, default=0.8, help="alpha of --wise-merge.")
-    _add(g, "--wise-ref", default="zeroshot", choices=["zeroshot", "start"],
-         help="Reference weights of --wise-merge: the zero-shot model or the task-start weights.")
-
-    g = parser.add_argument_group(
-        "Orthogonal gradients (OGD)",
-        "Project each task's gradients off the directions earlier tasks' gradients spanned (see mtil/methods/ogd.py).")
-    _add(g, "--orthogonal-gradients", type=positive_int, default=None, metavar="N",
-         help="Record the tracked weights' gradients at N evenly spaced steps of each task; at the task's end keep "
-              "their orthonormal basis (merged with earlier tasks', written to grad_<Dataset>.pth in --save) and "
-              "project every later task's gradients off it.")
-    _add(g, "--orthogonal-gradients-path", default=None, metavar="FILE",
-         help="Start from this basis file (a previous process's grad_<Dataset>.pth) to continue a chain of "
-              "one-task runs; needs --orthogonal-gradients.")
-    _add(g, "--ogd-energy", type=energy_fraction, default=0.97,
-         help="Keep the leading singular directions of a task's gradients that hold this fraction of their energy.")
-    _add(g, "--ogd-params", type=_name_list, default=["*attn.in_proj_weight", "*attn.out_proj.weight",
-                                                     "*mlp.c_fc.weight", "*mlp.c_proj.weight"], metavar="PATTERNS",
-         help="Comma-separated parameter-name patterns (fnmatch) of the tracked weights (trainable ones only).")
-    _add(g, "--ogd-dtype", default="float32", choices=["float32", "float16"],
-         help="Precision of the gradient snapshots kept on the CPU during a task (the basis is float32).")
-    _add(g, "--ogd-save-raw", action="store_true",
-         help="Also write each task's raw gradient snapshots to grad_raw_<Dataset>.pth "
-              "(scripts/convert_grad_to_basis.py turns them into a basis).")
-
-    g = parser.add_argument_group(
-        "LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them at each "
-                "task's end, so every task checkpoint holds a plain CLIP (see README: LoRA).")
-    _add(g, "--lora", action="store_true",
-         help="Train LoRA adapters on --lora-target-modules instead of CLIP's weights: fresh adapters at each task's "
-              "start (B = 0: outputs unchanged), merged into the weights at its end. --train-mode picks which "
-              "encoder's adapters train (image: image encoder only; image-fc: plus the head); not with fc.")
-    _add(g, "--lora-r", type=positive_int, default=8, help="Rank r of every adapter.")
-    _add(g, "--lora-alpha", type=positive_float, default=16, help="Adapter scaling: the update is (alpha / r) * B A.")
-    _add(g, "--lora-dropout", type=dropout, default=0.0,
-         help="Dropout on the input of the Linear (MLP) adapters (default 0; the seed used 0.1). Attention adapters act through "
-              "the weights (peft's MultiheadAttention LoRA), which takes no dropout.")
-    _add(g, "--lora-target-modules", type=_name_list, default="attn,mlp.c_fc,mlp.c_proj", metavar="NAMES",
-         help="Comma-separated module names; a name matches every module called so or ending in '.NAME'. 'attn': "
-              "q, k, v and o of every nn.MultiheadAttention (separate adapters on the packed in_proj and on "
-              "out_proj); 'mlp.c_fc', 'mlp.c_proj': the MLP linears; both encoders. scripts/list_clip_layers.py "
-              "lists the names a model accepts.")
-    _add(g, "--lora-shared", action="store_true",
-         help="Share adapters across layers: every adapter reuses the A and B of the first one with the same "
-              "(encoder, layer type attn/mlp, shapes); attention never shares with MLP.")
-    _add(g, "--lora-shared-split-qkvo", action="store_true",
-         help="With --lora-shared: the projection (q, k, v, o) joins the sharing key, so q shares only with q, etc.")
+    owners = registry.add_arguments(parser)
 
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
-    _add(g, "--checkpoint-interval", type=non_negative_int, default=500,
-         help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
-    _add(g, "--force-resume", action="store_true",
-         help="Resume an unfinished run in --save even though its configuration differs from this command's.")
-    _add(g, "--summarize", default=None, metavar="DIR",
-         help="Build accuracy_matrix.csv, summary.csv and the heat map from the results a run (or a chain of "
-              "one-task runs) left in DIR, and exit.")
+    add_flag(g, "--checkpoint-interval", type=non_negative_int, default=500,
+             help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
+    add_flag(g, "--force-resume", action="store_true",
+             help="Resume an unfinished run in --save even though its configuration differs from this command's.")
+    add_flag(g, "--summarize", default=None, metavar="DIR", path=True,
+             help="Build accuracy_matrix.csv, summary.csv and the heat map from the results a run (or a chain of "
+                  "one-task runs) left in DIR, and exit.")
 
     g = parser.add_argument_group("Evaluation", "Zero-shot evaluation and metric files.")
-    _add(g, "--eval-datasets", type=_name_list, default=None,
-         help="Comma-separated datasets to evaluate (default: the built-in benchmark's tasks).")
-    _add(g, "--eval-only", action="store_true", help="Evaluate the model and exit, no training.")
-    _add(g, "--eval-single", default=None, metavar="IMAGE",
-         help="Classify one image against --class-names and print the ranked probabilities.")
-    _add(g, "--class-names", default=None, metavar="FILE",
-         help="Text file with one class name per line (for --eval-single).")
-    _add(g, "--prompt", default="a photo of a {}.",
-         help="Prompt template for --eval-single; '{}' is replaced by the class name.")
-    _add(g, "--batch-size-eval", type=positive_int, default=128, help="Batch size for evaluation.")
-    _add(g, "--wise-ft", action="store_true",
-         help="With --eval-only --load CKPT: evaluate alpha * checkpoint + (1 - alpha) * zero-shot weights.")
-    _add(g, "--alpha", type=unit_interval, default=0.5, help="alpha of --wise-ft.")
-    _add(g, "--eval-interval", type=positive_int, default=None,
-         help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
-    _add(g, "--max-evaluation-size", type=positive_int, default=None,
-         help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
-    _add(g, "--save", default=None, metavar="DIR",
-         help="Directory for checkpoints (<Dataset>.pth, latest.pth) and metric files (metrics_<Dataset>.csv, "
-              "results.jsonl, accuracy_matrix.csv, summary.csv). Re-running a command resumes from here.")
+    add_flag(g, "--eval-datasets", type=name_list, default=None,
+             help="Comma-separated datasets to evaluate (default: the training sequence; for --eval-only the "
+                  "built-in benchmark's tasks).")
+    add_flag(g, "--eval-only", action="store_true", help="Evaluate the model and exit, no training.")
+    add_flag(g, "--eval-single", default=None, metavar="IMAGE", path=True,
+             help="Classify one image against --class-names and print the ranked probabilities.")
+    add_flag(g, "--class-names", default=None, metavar="FILE", path=True,
+             help="Text file with one class name per line (for --eval-single).")
+    add_flag(g, "--prompt", default="a photo of a {}.",
+             help="Prompt template for --eval-single; '{}' is replaced by the class name.")
+    add_flag(g, "--batch-size-eval", type=positive_int, default=128, help="Batch size for evaluation.")
+    add_flag(g, "--wise-ft", action="store_true",
+             help="With --eval-only --load CKPT: evaluate alpha * checkpoint + (1 - alpha) * zero-shot weights.")
+    add_flag(g, "--alpha", type=unit_interval, default=0.5, help="alpha of --wise-ft.")
+    add_flag(g, "--eval-interval", type=positive_int, default=None,
+             help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
+    add_flag(g, "--max-evaluation-size", type=positive_int, default=None,
+             help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
+    add_flag(g, "--save", default=None, metavar="DIR", path=True,
+             help="Directory for checkpoints (<Dataset>.pth, latest.pth), metric files (metrics_<Dataset>.csv, "
+                  "results.jsonl, accuracy_matrix.csv, summary.csv) and config.yaml. Re-running a command resumes "
+                  "from here.")
+
+    g = parser.add_argument_group("Configuration", "Settings from a file.")
+    add_flag(g, "--config", default=None, metavar="YAML", path=True,
+             help="YAML file of flag: value pairs (either spelling, without dashes), e.g. a run's config.yaml; "
+                  "the command line wins over the file, the file over the defaults.")
+    parser.flag_owners = owners
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- config files
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (either spelling, ``--config=X`` too), without full parsing."""
+    path = None
+    for i, token in enumerate(argv):
+        if token in ("--config",) and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif token.startswith("--config="):
+            path = token.split("=", 1)[1]
+    return path
+
+
+def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A ``--config`` YAML file as command-line tokens (so the flags' own checks apply to its values)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        document = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path} is not a YAML file ({str(exc).splitlines()[0]})") from None
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise UserError(f"--config {path} must map flag names to values (e.g. 'lr: 1.0e-5'), "
+                        f"found {type(document).__name__}")
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    tokens: list[str] = []
+    for key, value in document.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        action = by_dest.get(dest)
+        if action is None or dest == "config":
+            close = difflib.get_close_matches(dest, list(by_dest), n=1)
+            raise UserError(f"--config {path}: unknown setting {key!r}"
+                            + (f" (did you mean {close[0]}?)" if close else "") + "; settings are flag names")
+        flag = action.option_strings[0]
+        if value is None:
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} takes true or false, got {value!r}")
+            if value != action.default:
+                tokens.append(flag)
+            continue
+        if isinstance(value, bool):
+            raise UserError(f"--config {path}: {key} takes a value, got {value!r}")
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        tokens += [flag, str(value)]
+    return tokens
+
+
+def _given(parser: argparse.ArgumentParser, tokens: list[str]) -> set[str]:
+    """The dests ``tokens`` set (argparse leaves pre-set namespace entries alone unless a flag sets them)."""
+    sentinel = object()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    namespace = argparse.Namespace(**{d: sentinel for d in dests})
+    parsed = parser.parse_args(tokens, namespace=namespace)
+    return {d for d in dests if getattr(parsed, d) is not sentinel}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, check the combinations that argparse cannot express, resolve defaults that depend on others."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    _validate(args)
-    if not args.image_loss and not args.text_loss:  # neither named: both distillation directions, as in ZSCL
-        args.image_loss = args.text_loss = True
+    """Parse flags (and ``--config``), run every check that needs no files, resolve defaults that depend on
+    others. Raises UserError (one line) on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    path = _config_path(argv)
+    file_tokens: list[str] = []
+    if path is not None:
+        file_tokens = config_file_tokens(path, parser)
+        try:
+            parser.parse_args(file_tokens)
+        except UserError as exc:
+            raise UserError(f"--config {path}: {exc}") from None
+    args = parser.parse_args(file_tokens + argv)
+    cli = _given(parser, argv)
+    args._cli = sorted(cli)
+    args._file = sorted(_given(parser, file_tokens) - cli) if file_tokens else []
+    args._defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    _validate(args, parser)
     return args
 
 
-def _validate(args: argparse.Namespace) -> None:
+def private(key: str) -> bool:
+    """Namespace entries that are bookkeeping, not settings."""
+    return key.startswith("_")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if not private(k)}
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+
+
+def _changed(args: argparse.Namespace, dest: str) -> bool:
+    return getattr(args, dest) != args._defaults.get(dest)
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from mtil import registry
+
+    owners: dict[str, type] = parser.flag_owners
+    cli = set(args._cli)
     if args.iterations is not None and args.epochs is not None:
         raise UserError("--iterations and --epochs contradict each other: give one of them")
-    if args.we_wise and not args.we:
-        raise UserError("--we-wise modifies weight ensembling: give --we too")
-    if args.we and args.ema is not None:
-        raise UserError("--we and --ema both average the weights: choose one")
     if args.wise_ft and not args.load:
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
+    if args.alpha != args._defaults["alpha"] and not args.wise_ft:
+        raise UserError("--alpha is the blend of --wise-ft: give --wise-ft too (or drop --alpha)")
+    training_flags = ["train_dataset", "sequence", "method", *OPTIMISATION_FLAGS, "train_mode", *owners]
     if args.eval_only or args.eval_single:
-        training = [flag for flag, given in (
-            ("--train-dataset", args.train_dataset), ("--sequence", args.sequence), ("--lora", args.lora),
-            ("--orthogonal-gradients", args.orthogonal_gradients is not None), ("--we", args.we),
-            ("--ema", args.ema is not None), ("--wise-merge", args.wise_merge), ("--l2", args.l2 > 0),
-            ("--method", args.method != "finetune")) if given]
-        if training:
+        given = [_flag(parser, d) for d in training_flags if d in cli and _changed(args, d)]
+        if given:
             mode = "--eval-only" if args.eval_only else "--eval-single"
-            raise UserError(f"{mode} evaluates without training, so {', '.join(training)} would do nothing: drop "
-                            f"{'it' if len(training) == 1 else 'them'} (or drop {mode} to train)")
-    if args.train_dataset and args.sequence:
-        raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
-    if not args.ogd_params:
-        raise UserError("--ogd-params needs at least one parameter-name pattern")
-    if args.orthogonal_gradients is None and (args.orthogonal_gradients_path or args.ogd_save_raw):
-        flag = "--orthogonal-gradients-path" if args.orthogonal_gradients_path else "--ogd-save-raw"
-        raise UserError(f"{flag} belongs to orthogonal gradient descent: give --orthogonal-gradients N too")
-    if args.orthogonal_gradients_path and not Path(args.orthogonal_gradients_path).is_file():
-        raise UserError(f"--orthogonal-gradients-path {args.orthogonal_gradients_path} does not exist")
-    if not args.lora_target_modules:
-        raise UserError("--lora-target-modules names no module (e.g. attn,mlp.c_fc,mlp.c_proj)")
-    if args.lora_shared and not args.lora:
-        raise UserError("--lora-shared shares LoRA adapters: give --lora too")
-    if args.lora_shared_split_qkvo and not args.lora_shared:
-        raise UserError("--lora-shared-split-qkvo refines --lora-shared: give --lora --lora-shared too")
-    if args.lora and args.train_mode == "fc":
-        raise UserError("--train-mode fc trains only a linear head on frozen features: --lora has nothing to adapt "
-                        "(use image-fc to train image-encoder adapters and the head)")
+            raise UserError(f"{mode} evaluates without training, so {', '.join(given)} would do nothing: drop "
+                            f"{'it' if len(given) == 1 else 'them'} (or drop {mode} to train)")
+    else:
+        if args.train_dataset and args.sequence:
+            raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
+        method = registry.method_class(args.method)
+        if method.training_free:
+            inert = [_flag(parser, d) for d in (*OPTIMISATION_FLAGS, "train_mode") if d in cli and _changed(args, d)]
+            if inert:
+                raise UserError(f"--method {args.method} trains nothing (its tasks have zero steps), so "
+                                f"{', '.join(inert)} would do nothing: drop {'it' if len(inert) == 1 else 'them'}")
+        _check_optimizer_flags(args, cli, parser)
+        registry.check_combination(args, world_size=requested_world_size())
+        notes = []
+        for dest, owner in registry.inert_flags(args, owners, args._defaults):
+            message = registry.inert_message(_flag(parser, dest), owner, args)
+            if dest in cli:
+                raise UserError(message)
+            notes.append(f"--config sets {dest}, which this run does not use (ignored): {message}")
+        if not (args.train_dataset or args.sequence):
+            given = [_flag(parser, d) for d in training_flags if d in cli and _changed(args, d)]
+            if given:
+                raise UserError(f"no --train-dataset or --sequence: nothing to train, so {', '.join(given)} would "
+                                f"do nothing; give the tasks (e.g. --train-dataset DTD or MTIL-I), or --eval-only "
+                                f"to evaluate")
+        for note in notes:
+            print(f"mtil: note: {note}", file=sys.stderr)
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
     if not is_template(args.prompt):
         raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
                         f"braces, got {args.prompt!r}")
+
+
+def _check_optimizer_flags(args: argparse.Namespace, cli: set[str], parser) -> None:
+    foreign = {"adamw": ["momentum"], "sgd": ["beta2"]}[args.optimizer]
+    for dest in foreign:
+        if _changed(args, dest) and dest in cli:
+            other = "sgd" if args.optimizer == "adamw" else "adamw"
+            raise UserError(f"{_flag(parser, dest)} belongs to --optimizer {other}, but this run uses "
+                            f"--optimizer {args.optimizer}: drop {_flag(parser, dest)} or change the optimiser")
+    if "head" in args.lr_multipliers and args.train_mode not in ("image-fc", "fc"):
+        raise UserError(f"--lr-multipliers head=...: --train-mode {args.train_mode} trains no linear head "
+                        f"(image-fc and fc do)")
+
+
+def requested_world_size() -> int:
+    """Processes this job was started as (torchrun's WORLD_SIZE, or an srun step's task count); 1 otherwise."""
+    for variable in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            return int(value)
+    return 1
 
 
 def is_template(text: str) -> bool:
@@ -305,15 +418,33 @@ def is_template(text: str) -> bool:
     return fields == [""]
 
 
+def path_flags(parser: argparse.ArgumentParser | None = None) -> set[str]:
+    """Dests of the flags that name files or folders."""
+    parser = parser or build_parser()
+    return {a.dest for a in parser._actions if getattr(a, "is_path", False)}
+
+
+def defaults_of(parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    parser = parser or build_parser()
+    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
+
+
+def setting_types(parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """dest -> the flag's argparse type (its validator), for values that arrive from files."""
+    parser = parser or build_parser()
+    return {a.dest: a.type for a in parser._actions if a.dest != "help"}
+
+
 def arguments_markdown() -> str:
     """ARGUMENTS.md, generated from the parser so the two cannot drift."""
     parser = build_parser()
     lines = [
         "# Arguments",
         "",
-        "Generated from `mtil/args.py` by `python -m mtil.args > ARGUMENTS.md` "
-        "(a test fails when this file and the parser differ).",
-        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`).",
+        "Generated from `mtil/args.py` and the method files in `mtil/methods/` by `python -m mtil.args > "
+        "ARGUMENTS.md` (a test fails when this file and the parser differ).",
+        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`). Every flag can also be "
+        "set in a `--config` YAML file (`lr: 1.0e-5`); the command line wins.",
         "",
     ]
     for group in parser._action_groups:
@@ -326,9 +457,17 @@ def arguments_markdown() -> str:
         lines += ["| flag | default | description |", "| --- | --- | --- |"]
         for action in actions:
             names = ", ".join(f"`{n}`" for n in action.option_strings)
-            default = "" if action.default in (None, False, argparse.SUPPRESS) else f"`{action.default}`"
+            default = action.default
+            if default in (None, False, argparse.SUPPRESS) or default == {}:
+                shown = ""
+            elif isinstance(default, list):
+                shown = f"`{','.join(map(str, default))}`"
+            else:
+                shown = f"`{default}`"
             text = (action.help or "").replace("|", "\\|")
-            lines.append(f"| {names} | {default} | {text} |")
+            if action.choices and "choices" not in text.lower() and action.dest != "method":
+                text += f" Choices: {', '.join(map(str, action.choices))}."
+            lines.append(f"| {names} | {shown} | {text} |")
         lines.append("")
     return "\n".join(lines)
 

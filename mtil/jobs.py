@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mtil.datasets.registry import open_dataset
+from mtil.args import path_flags, settings_of
+from mtil.datasets.registry import check_readable
 from mtil.datasets.toyworld import BUILTIN_ORDER
+from mtil.engine.checkpoint import config_for_checkpoint
+from mtil.engine.precision import DTYPES, resolve_precision
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import append_result_line, write_metric_row
 from mtil.evaluation.single_image import classify_image, read_class_names, read_image
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
-from mtil.models.clip_loading import LoadedModel, load_clip, resolve_device
+from mtil.hardware import announce_device, resolve_device
+from mtil.models.clip_loading import LoadedModel, load_clip
+from mtil.models.heads import head_from_state
 from mtil.seeding import seed_everything
 
 
@@ -20,7 +25,19 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
 
 
 def _resolved_config(args: argparse.Namespace, loaded: LoadedModel) -> dict:
-    return {**vars(args), "model_source": loaded.source, "device": str(next(loaded.model.parameters()).device)}
+    record = config_for_checkpoint(settings_of(args), path_flags())
+    return {**record, "model_source": loaded.source, "device": str(next(loaded.model.parameters()).device)}
+
+
+def _learned_heads(loaded: LoadedModel, device) -> dict:
+    """Heads a checkpoint learned in training (image-fc / fc): they classify their datasets here too."""
+    heads = {}
+    for name, entry in (loaded.checkpoint.get("heads") or {}).items():
+        try:
+            heads[name] = head_from_state(entry).to(device)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--load {loaded.source}: the head saved for {name} cannot be read ({exc})") from None
+    return heads
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -31,7 +48,7 @@ def evaluate(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for name in names:
         try:
-            open_dataset(name, args.data_location, args.download)
+            check_readable(name, args.data_location, args.download, ("test",))
         except UserError as exc:
             problems.append(str(exc))
     try:
@@ -42,20 +59,29 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("; ".join(problems))
 
     iteration = int(loaded.checkpoint.get("iteration", 0))
+    device = next(loaded.model.parameters()).device
+    announce_device(args.device, device)
+    heads = _learned_heads(loaded, device)
     if args.wise_ft:
         _wise_ft(args, loaded)
     config = _resolved_config(args, loaded)
+    precision = resolve_precision(args.precision, device)
     evaluator = ZeroShotEvaluator(loaded.model, data_location=args.data_location, download=args.download,
                                   batch_size=args.batch_size_eval, workers=args.workers,
-                                  max_size=args.max_evaluation_size, seed=args.seed)
-    print(f"Zero-shot evaluation of {loaded.source} on {config['device']}")
+                                  max_size=args.max_evaluation_size, seed=args.seed,
+                                  autocast_dtype=None if args.precision == "auto" else DTYPES[precision])
+    evaluator.learned_heads = heads
+    print(f"Evaluation of {loaded.source} on {config['device']}"
+          + (f" (learned heads for {', '.join(sorted(heads))})" if heads else ""))
     for name in names:
         result = evaluator.evaluate(name)
-        print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   ({result.count} images)")
+        print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   "
+              f"({result.classes} classes, {result.count} images{', learned head' if name in heads else ''})")
         if args.save:
             write_metric_row(args.save, name, iteration, result.top1, result.top5)
             append_result_line(args.save, {"dataset": name, "iteration": iteration, "top1": result.top1,
-                                           "top5": result.top5, "images": result.count}, config)
+                                           "top5": result.top5, "images": result.count,
+                                           "classes": result.classes, "head": result.head}, config)
     if args.save:
         print(f"Metrics written to {Path(args.save)}/metrics_<Dataset>.csv and results.jsonl")
     else:
@@ -67,7 +93,7 @@ def _wise_ft(args: argparse.Namespace, loaded: LoadedModel) -> None:
     """Evaluation-time WiSE-FT: ``alpha * checkpoint + (1 - alpha) * zero-shot`` (zero-shot = the weights the
     checkpoint's sequence started from when it records them, else ``--model``)."""
     from mtil.engine.sequence import ZeroShotWeights
-    from mtil.methods.weight_averaging import interpolate, load_into
+    from mtil.engine.weights import interpolate, load_into
 
     spec = (loaded.checkpoint.get("state") or {}).get("base") or {
         "model": args.model, "load": None, "untrained": args.untrained, "seed": args.seed, "clip_root": args.clip_root}
@@ -82,6 +108,7 @@ def eval_single(args: argparse.Namespace) -> int:
     classnames = read_class_names(args.class_names)
     image = read_image(args.eval_single)
     loaded = _load_model(args)
+    announce_device(args.device, next(loaded.model.parameters()).device)
     ranked = classify_image(loaded.model, image, classnames, args.prompt)
     shown = ranked[:10]
     print(f"{args.eval_single} ({loaded.source}), prompt {args.prompt!r}:")
@@ -94,10 +121,11 @@ def eval_single(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train the task sequence (resuming from ``--save`` when it holds this run); exit 3 when preempted."""
+    from mtil import registry
     from mtil.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_on_signals
     from mtil.engine.sequence import SequenceRunner
 
-    runner = SequenceRunner(args)
+    runner = SequenceRunner(args, registry.build_components(args), path_flags())
     with stop_on_signals(runner.stop):
         try:
             runner.run()

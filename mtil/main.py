@@ -23,8 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtil import jobs  # heavy imports (torch, torchvision) only after the flags parsed
+    from mtil import jobs
+    from mtil.hardware import set_threads
 
+    set_threads(args.threads)
     if args.summarize:
         return jobs.summarize(args)
     if args.eval_single:

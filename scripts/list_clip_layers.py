@@ -7,8 +7,9 @@ Random weights are fine (only names and shapes are printed), so any model name w
     python scripts/list_clip_layers.py --model RN50 --params          # every parameter with its shape
 
 The last lines say which names ``--lora-target-modules`` accepts (suffix patterns: a name matches every module
-called so or ending in ``.NAME``) and which linears it refuses (read functionally by their parent module, so an
-adapter there would have no effect).
+called so or ending in ``.NAME``; below an attention ``attn``, the part names ``attn.in_proj`` (q, k, v),
+``attn.out_proj`` (o), ``attn.q``, ``attn.k``, ``attn.v``, ``attn.o``) and which linears it refuses (the ResNet
+attention pool's projections: read functionally by their parent module, so an adapter there would have no effect).
 """
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {sum(p.numel() for p in model.parameters()):,} parameters")
     elif args.linear_only:
         for layer in linear_layers(model):
-            note = "" if layer.adaptable else "  (read functionally: not adaptable)"
+            note = ""
+            if layer.is_out_proj:
+                note = "  (read functionally: adapted as part o of its attention, e.g. target 'attn.out_proj')"
+            elif not layer.adaptable:
+                note = "  (read functionally: not adaptable)"
             print(f"{layer.name:<50} {layer.kind:<20} in {layer.in_features:>5}  out {layer.out_features:>5}{note}")
     else:
         for name, module in model.named_modules():
@@ -59,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<50} {type(module).__name__}{extra}")
 
     accepted = accepted_targets(model)
-    refused = sorted({layer.pattern for layer in linear_layers(model) if not layer.adaptable})
+    refused = sorted({layer.pattern for layer in linear_layers(model) if not layer.adaptable and not layer.is_out_proj})
     print("# --lora-target-modules accepts: " + (", ".join(f"{p} ({d})" for p, d in accepted.items()) or "nothing"))
-    print("#   'attn' adapts q, k, v and o of each nn.MultiheadAttention; a name matches every module called so or "
-          "ending in '.NAME' (e.g. 'resblocks.0.attn' = layer 0 of both encoders)")
+    print("#   'attn' adapts q, k, v and o of each nn.MultiheadAttention; 'attn.in_proj' (or 'attn.in_proj_weight') "
+          "q, k and v; 'attn.out_proj' o; 'attn.q', 'attn.k', 'attn.v', 'attn.o' one part each; several targets on "
+          "one attention adapt the union of their parts")
+    print("#   a name matches every module called so or ending in '.NAME' (e.g. 'resblocks.0.attn' = layer 0 of both "
+          "encoders, 'resblocks.0.attn.q' = its q)")
     if refused:
         print("# refused (read functionally by their parent, an adapter would have no effect): " + ", ".join(refused))
     return 0

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny CLIP, an isolated dataset cache, no network for CLIP weights."""
 from __future__ import annotations
 
+import os
 import urllib.error
 
 import pytest
@@ -14,6 +15,7 @@ def pytest_configure(config):
     # The models under test are tiny: one intra-op thread is as fast on an idle CPU and far faster on a busy one
     # (OpenMP threads spin-waiting for a core made single forward passes 100x slower on a loaded 2-core machine).
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and mtil's own --threads default keeps it (in-process runs, children)
 
 
 @pytest.fixture(autouse=True)

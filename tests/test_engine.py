@@ -77,7 +77,7 @@ def test_mid_task_evaluation_uses_the_current_text_encoder(tmp_path, monkeypatch
         head = original(self, name)
         task = self.task(name)
         fresh = zeroshot_head(self.model, task.classnames, task.templates)
-        checked.append(torch.allclose(head, fresh, atol=1e-6))
+        checked.append(torch.allclose(head.weight, fresh, atol=1e-6))
         return head
 
     monkeypatch.setattr(ZeroShotEvaluator, "head", checked_head)
@@ -240,7 +240,7 @@ def test_sequence_file_per_task_settings(tmp_path):
     assert steps_per_optimizer(calls) == [2, 3]
     assert [lr for _, lr in calls] == [2e-3] * 2 + [1e-3] * 3
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "ToyShape step 2/2" in log and "ToyColor step 3/3" in log
+    assert "[ToyShape] step 2/2" in log and "[ToyColor] step 3/3" in log
 
 
 @pytest.mark.parametrize("text, words", [

@@ -13,7 +13,8 @@ import torch
 
 from mtil.datasets.toyworld import ToyTaskDataset
 from mtil.main import main
-from mtil.methods.weight_averaging import WeightEnsemble, WiseMerge
+from mtil.methods.weight_ensemble import WeightEnsemble
+from mtil.methods.wise_merge import WiseMerge
 from mtil.models import lora as L
 from mtil.models.clip_loading import load_clip
 from tests.helpers import load, run_killed_at
@@ -59,8 +60,8 @@ def test_fresh_adapters_leave_outputs_unchanged(micro, outputs_of):
 
 @pytest.mark.parametrize("part", ["q", "k", "v", "o"])
 def test_each_attention_adapter_of_layer_0_changes_encode_image(part, micro, probe_inputs):
-    """The seed's bug (an adapter on attn.out_proj, whose forward MultiheadAttention never calls) cannot happen:
-    a non-zero B on any one of q, k, v, o of the image encoder's layer 0 changes the image features, and the
+    """The seed's bug (an adapter on the attn.out_proj Linear, whose forward MultiheadAttention never calls) cannot
+    happen: a non-zero B on any one of q, k, v, o of the image encoder's layer 0 changes the image features, and the
     forward leaves the base weights exactly as they were (same Parameter objects, same values)."""
     images, tokens = probe_inputs
     model = micro.model
@@ -81,14 +82,29 @@ def test_each_attention_adapter_of_layer_0_changes_encode_image(part, micro, pro
         assert now[name] is param and torch.equal(param, values[name]), name
 
 
-def test_targeting_a_functionally_read_linear_or_nothing_is_refused():
+def test_attention_part_targets_are_accepted_and_the_attention_pool_or_nothing_is_refused():
+    """``attn.out_proj`` (the original tool's default target) is no longer refused: it selects the o part of every
+    attention (an adapter on the out_proj Linear itself would do nothing, so o acts through the attention's weights).
+    The ResNet attention pool's projections and names that match nothing stay refused, listing accepted names."""
     model = plain_model()
-    with pytest.raises(L.UserError, match="read functionally"):
-        L.resolve_targets(model, ["attn.out_proj"])
-    with pytest.raises(L.UserError, match=r"available: attn \(MultiheadAttention, 2 layers\), mlp.c_fc"):
+    assert L.select_targets(model, ["attn.out_proj"]) == {"visual.transformer.resblocks.0.attn": ("o",),
+                                                          "transformer.resblocks.0.attn": ("o",)}
+    assert L.resolve_targets(model, ["attn.out_proj"]) == ["visual.transformer.resblocks.0.attn",
+                                                           "transformer.resblocks.0.attn"]
+    with pytest.raises(L.UserError, match=r"available: attn \(MultiheadAttention, 2 layers\), attn.in_proj \(q, k, v "
+                                          r"of MultiheadAttention, 2 layers\), attn.out_proj \(o of MultiheadAttention, "
+                                          r"2 layers\), attn.q \(q of .*attn.o \(o of .*, mlp.c_fc \(Linear"):
         L.resolve_targets(model, ["nope"])
     assert L.resolve_targets(model, ["c_fc"]) == ["visual.transformer.resblocks.0.mlp.c_fc",
                                                    "transformer.resblocks.0.mlp.c_fc"]
+    resnet = plain_model("tiny-rn")
+    for target in ("attnpool.q_proj", "visual.attnpool.c_proj"):
+        with pytest.raises(L.UserError, match="read functionally by its parent AttentionPool2d") as error:
+            L.resolve_targets(resnet, [target])
+        assert "\n" not in str(error.value) and "attn.out_proj (o of MultiheadAttention" in str(error.value)
+    assert not any("attnpool" in name for name in L.accepted_targets(resnet))
+    assert L.select_targets(resnet, ["attn.out_proj"]) == {f"transformer.resblocks.{i}.attn": ("o",)
+                                                           for i in range(resnet.transformer.layers)}
 
 
 def test_a_training_step_moves_only_adapters():
@@ -199,6 +215,7 @@ def test_flag_errors_are_one_line(capsys, tmp_path):
         (["--lora", "--lora-shared-split-qkvo"], "--lora-shared"),
         (["--lora", "--lora-r", "0"], "--lora-r"),
         (["--lora", "--train-mode", "fc"], "nothing to adapt"),
+        (["--lora", "--orthogonal-gradients", "2"], "cannot run together"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -305,3 +322,19 @@ def test_train_mode_image_adapts_only_the_image_encoder(tmp_path, small_toy_trai
     trained = load(save / "ToyShape.pth")["model"]
     changed = {k for k in zero_shot if not torch.equal(zero_shot[k], trained[k])}
     assert changed and all(k.startswith("visual.transformer.") for k in changed)
+
+
+def test_the_original_default_targets_run_and_adapt_o_and_the_mlp(tmp_path, small_toy_train, capsys):
+    """``--lora-target-modules attn.out_proj,mlp.c_fc,mlp.c_proj`` (the original tool's default) runs: the task
+    checkpoint moved out_proj.weight and the MLP weights and left in_proj_weight (and everything else) as it was."""
+    save = tmp_path / "o"
+    argv = [*FAST, "--train-dataset", "ToyShape", "--iterations", "3", "--lora", "--lora-r", "2",
+            "--lora-target-modules", "attn.out_proj,mlp.c_fc,mlp.c_proj", "--save", str(save)]
+    assert main(argv) == 0
+    sizes = encoder_sizes(plain_model())
+    assert f"{12 * 2 * sum(d * n for d, n in sizes):,} trainable parameters" in capsys.readouterr().out
+    zero_shot = plain_model().state_dict()
+    trained = load(save / "ToyShape.pth")["model"]
+    changed = {k for k in zero_shot if not torch.equal(zero_shot[k], trained[k])}
+    assert changed == {k for k in zero_shot if k.endswith(("attn.out_proj.weight", "mlp.c_fc.weight",
+                                                            "mlp.c_proj.weight"))}

@@ -188,5 +188,6 @@ def test_linear_heads_carry_over_a_chain_of_one_task_runs(tmp_path):
     assert main([*common, "--train-dataset", "ToyColor", "--load", str(save / "ToyShape.pth")]) == 0
     heads = torch.load(save / "ToyColor.pth", weights_only=True)["heads"]
     assert set(heads) == {"ToyShape", "ToyColor"}
-    for key, value in first["ToyShape"].items():
-        assert torch.equal(heads["ToyShape"][key], value)
+    assert heads["ToyShape"]["kind"] == "linear"
+    for key, value in first["ToyShape"]["tensors"].items():
+        assert torch.equal(heads["ToyShape"]["tensors"][key], value)

@@ -17,15 +17,12 @@ import torch.nn as nn
 from mtil.args import parse_args
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.main import main
-from mtil.methods import build_components
-from mtil.methods.weight_averaging import (
-    ExponentialMovingAverage,
-    L2Consolidation,
-    WeightEnsemble,
-    WiseMerge,
-    interpolate,
-    load_into,
-)
+from mtil.engine.weights import interpolate, load_into
+from mtil.methods.ema import ExponentialMovingAverage
+from mtil.methods.l2 import L2Consolidation
+from mtil.methods.weight_ensemble import WeightEnsemble
+from mtil.methods.wise_merge import WiseMerge
+from mtil.registry import build_components
 from mtil.models.clip_loading import load_clip
 from tests.helpers import load
 
@@ -48,7 +45,7 @@ class Toy(nn.Module):
 
 def fake_run(model: nn.Module, *flags: str, zeroshot: dict | None = None) -> SimpleNamespace:
     """What the weight-space components use of a run: model, config, state.step, zeroshot_state()."""
-    return SimpleNamespace(model=model, config=parse_args(list(flags)), state=SimpleNamespace(step=0),
+    return SimpleNamespace(model=model, config=parse_args(["--train-dataset", "ToyShape", *flags]), state=SimpleNamespace(step=0),
                            device=torch.device("cpu"), zeroshot_state=lambda: zeroshot)
 
 
@@ -301,9 +298,9 @@ def test_wise_merge_in_a_run(alpha, tmp_path, monkeypatch):
 
 def test_components_order_averages_before_the_wise_merge():
     """WE produces the task's weights, then WiSE blends them: ``build_components`` keeps that order."""
-    config = parse_args(["--method", "lwf", "--l2", "1", "--we", "--wise-merge"])
+    config = parse_args(["--train-dataset", "ToyShape", "--method", "lwf", "--l2", "1", "--we", "--wise-merge"])
     assert [c.name for c in build_components(config)] == ["lwf", "l2", "we", "wise_merge"]
-    config = parse_args(["--ema", "0.9", "--wise-merge"])
+    config = parse_args(["--train-dataset", "ToyShape", "--ema", "0.9", "--wise-merge"])
     assert [c.name for c in build_components(config)] == ["finetune", "ema", "wise_merge"]
 
 
@@ -339,7 +336,8 @@ def test_eval_time_wise_ft_endpoints(tmp_path, monkeypatch):
 
     def evaluate(save: Path, *flags: str) -> tuple[dict[str, tuple[float, float]], dict[str, torch.Tensor]]:
         evaluated.clear()
-        assert main([*FAST, "--eval-only", *datasets, *flags, "--save", str(save)]) == 0
+        evaluation_flags = FAST[:2] + FAST[8:]  # --eval-only refuses training flags (--lr, ...)
+        assert main([*evaluation_flags, "--eval-only", *datasets, *flags, "--save", str(save)]) == 0
         [model] = evaluated
         rows = results(save)
         return {n: rows[(None, n)] for n in names}, {k: v.detach().clone() for k, v in model.state_dict().items()}

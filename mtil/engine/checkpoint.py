@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -23,8 +23,13 @@ LATEST = "latest.pth"
 # Flags that change how a run executes but not what it computes: they may differ on resume.
 OPERATIONAL_FLAGS = {
     "workers", "device", "batch_size_eval", "save", "data_location", "clip_root", "download", "force_resume",
-    "checkpoint_interval", "eval_only", "summarize", "eval_single", "class_names", "prompt",
+    "checkpoint_interval", "eval_only", "summarize", "eval_single", "class_names", "prompt", "threads",
+    "log_every", "config",
 }
+# Flags naming a model or a file: a model name stays a name, an existing file compares as its resolved path.
+MODEL_OR_FILE = {"model", "ref_model"}
+DATASET_FLAGS = {"train_dataset", "eval_datasets", "ref_dataset", "ref_sentences"}
+FOLDER_PREFIX = "ImageFolder:"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -51,33 +56,80 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def config_for_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
-    """The configuration as plain values (what weights_only loading accepts)."""
-    def plain(value):
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            return value
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return str(value)
-
-    return {k: plain(v) for k, v in config.items()}
+def _plain(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that differ. A flag newer than the checkpoint counts only when it is not at its default; a flag
-    that no longer exists is ignored."""
-    from mtil.args import build_parser
+def _resolve_folder_names(value: Any) -> Any:
+    """``ImageFolder:rel/path`` -> ``ImageFolder:/abs/path`` inside a dataset name or a list of them."""
+    if isinstance(value, list):
+        return [_resolve_folder_names(v) for v in value]
+    if isinstance(value, str) and FOLDER_PREFIX in value:
+        parts = []
+        for part in value.split(","):
+            if part.strip().startswith(FOLDER_PREFIX):
+                part = FOLDER_PREFIX + str(Path(part.strip()[len(FOLDER_PREFIX):]).expanduser().resolve())
+            parts.append(part)
+        return ",".join(parts)
+    return value
 
-    parser = build_parser()
-    keys = set(current) - OPERATIONAL_FLAGS
+
+def normalize_paths(config: dict[str, Any], path_keys: Iterable[str]) -> dict[str, Any]:
+    """Path-valued settings as resolved absolute paths, so a run typed with a relative path and resumed with an
+    absolute one (or from another folder) is recognised as the same run."""
+    out = dict(config)
+    for key in set(path_keys) | MODEL_OR_FILE:
+        value = out.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if key in MODEL_OR_FILE and not Path(value).expanduser().is_file():
+            continue  # a model name such as ViT-B/16
+        out[key] = str(Path(value).expanduser().resolve())
+    for key in DATASET_FLAGS:
+        if key in out:
+            out[key] = _resolve_folder_names(out[key])
+    return out
+
+
+def config_for_checkpoint(config: dict[str, Any], path_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """The configuration as plain values (what weights_only loading accepts), paths resolved; bookkeeping
+    entries (names starting with '_') left out."""
+    plain = {k: _plain(v) for k, v in config.items() if not k.startswith("_")}
+    return normalize_paths(plain, path_keys)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
+                       path_keys: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(setting, saved value, current value) for every setting that really differs. Paths compare as resolved
+    files; a flag newer than the checkpoint counts only when it is not at its default; a flag that no longer
+    exists is ignored; flags that change how a run executes, not what it computes, never count."""
+    defaults = {k: _plain(v) for k, v in (defaults or {}).items()}
+    saved = normalize_paths(saved, path_keys)
+    current = normalize_paths(current, path_keys)
     differences = []
-    for key in keys:
+    for key in sorted(set(current) - OPERATIONAL_FLAGS):
         if key not in saved:
-            if current.get(key) != config_for_checkpoint({key: parser.get_default(key)})[key]:
-                differences.append(key)
+            if key in defaults and current.get(key) != defaults[key]:
+                differences.append((key, defaults[key], current.get(key)))
         elif saved.get(key) != current.get(key):
-            differences.append(key)
-    return sorted(differences)
+            differences.append((key, saved.get(key), current.get(key)))
+    return differences
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """``--lr 1e-05 -> 0.0001, --method lwf -> ZSCL`` (saved -> now)."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else value
+
+    items = [f"--{k.replace('_', '-')} {shown(a)} -> {shown(b)}" for k, a, b in differences[:limit]]
+    more = len(differences) - limit
+    return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -1,69 +1,119 @@
 """The one training loop: named loss terms from every component, then the hooks, for exactly N steps."""
 from __future__ import annotations
 
+import sys
+import time
 from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mtil.engine.data_stream import batch_stream
+from mtil.engine.method import Method, ordered
 from mtil.engine.preemption import Preempted, StopFlag
 from mtil.engine.run import Run, TaskContext
-from mtil.methods.base import Method
+
+REPORT_EVERY = 10  # steps between progress-bar updates of the loss terms (reading a loss waits for the GPU)
 
 
-REPORT_EVERY = 10  # steps between progress-bar updates of the loss terms
-LOG_EVERY = 50  # steps between log lines (a multiple of REPORT_EVERY)
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """A line every ``--log-every`` steps, on stdout whether or not it is a terminal (SLURM logs), and in
+    train.log: loss terms, learning rate, images per second and the task's ETA over the last window."""
+
+    def __init__(self, run: Run, task: TaskContext, every: int):
+        self.run, self.task, self.every = run, task, every
+        self.bar = tqdm(total=task.total_steps, initial=run.state.step, desc=task.name, dynamic_ncols=True,
+                        disable=None, leave=False)
+        self._mark(run.state.step)
+
+    def _mark(self, step: int) -> None:
+        self.window_step, self.window_time = step, time.perf_counter()
+
+    def step(self, losses: dict[str, torch.Tensor], lr: float) -> None:
+        state, task = self.run.state, self.task
+        self.bar.update(1)
+        last = state.step >= task.total_steps
+        line_due = self.every and (state.step % self.every == 0 or last)
+        if not (line_due or state.step % REPORT_EVERY == 0 or last):
+            return
+        values = {k: v.item() for k, v in losses.items()}
+        self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{lr:.2e}"}, refresh=False)
+        if not line_due:
+            return
+        steps = state.step - self.window_step
+        seconds = time.perf_counter() - self.window_time
+        rate = steps * task.settings.batch_size / seconds if seconds > 0 else float("nan")
+        eta = (task.total_steps - state.step) * seconds / steps if steps else 0.0
+        line = (f"[{task.name}] step {state.step}/{task.total_steps}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+                + f"  lr {lr:.2e}  {rate:.1f} img/s  ETA {_duration(eta)}")
+        self.bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+        self.run.log.info(line)
+        self._mark(state.step)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train_steps(run: Run, task: TaskContext, components: Sequence[Method], stream_id: int, *,
                 stop: StopFlag, save_latest: Callable[[], None],
                 evaluate_mid_task: Callable[[], None] | None = None) -> None:
-    """Run the task's remaining steps (``run.state.step .. task.total_steps-1``).
+    """Run the task's remaining steps (``run.state.step .. task.total_steps-1``); none for a zero-step task.
 
     Saves the latest checkpoint every ``--checkpoint-interval`` steps, and on a stop request (then raises
-    :class:`Preempted`). Each step: sum of all components' named loss terms, backward, ``after_backward``
-    hooks, optimiser and scheduler step, ``after_step`` hooks.
+    :class:`Preempted`). Each step: sum of all components' named loss terms (under ``--precision`` autocast,
+    summed in float32), backward (scaled for fp16, gradients unscaled before the hooks see them),
+    ``after_backward`` hooks, optimiser and scheduler step, ``after_step`` hooks.
     """
     config, state = run.config, run.state
-    primary = components[0]
-    raw, transform, collate = primary.train_items(run, task)
+    if state.step >= task.total_steps:
+        return
+    hooks = {hook: ordered(list(components), hook) for hook in ("loss", "after_backward", "after_step")}
+    raw, transform, collate = components[0].train_items(run, task)
     loader = batch_stream(raw, transform, batch_size=task.settings.batch_size, seed=config.seed, stream=stream_id,
                           start_step=state.step, total_steps=task.total_steps, workers=config.workers,
                           pin_memory=run.device.type == "cuda", collate_fn=collate)
     run.model.train()
-    bar = tqdm(total=task.total_steps, initial=state.step, desc=task.name, dynamic_ncols=True,
-               disable=None, leave=False)
+    progress = Progress(run, task, config.log_every)
+    optimizer, scaler = task.optimizer, task.scaler
     try:
         for batch in loader:
             losses: dict[str, torch.Tensor] = {}
-            for component in components:
-                for name, value in component.loss(run, batch).items():
-                    if name in losses:
-                        raise RuntimeError(f"two components both return a loss named {name!r}")
-                    losses[name] = value
-            total = sum(losses.values())
-            task.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            for component in components:
+            with run.autocast():
+                for component in hooks["loss"]:
+                    for name, value in component.loss(run, batch).items():
+                        if name in losses:
+                            raise RuntimeError(f"two components both return a loss named {name!r}")
+                        losses[name] = value
+            total = sum(value.float() for value in losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                total.backward()
+            else:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)  # hooks (e.g. OGD's projection) see the true gradients
+            for component in hooks["after_backward"]:
                 component.after_backward(run)
-            task.optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             task.scheduler.step()
             state.step += 1
             state.global_step += 1
-            for component in components:
+            for component in hooks["after_step"]:
                 component.after_step(run)
 
-            bar.update(1)
+            progress.step(losses, task.scheduler.get_last_lr()[0])
             last = state.step >= task.total_steps
-            # Reading a loss value waits for the GPU: do it every REPORT_EVERY steps, not every step.
-            if state.step % REPORT_EVERY == 0 or last:
-                values = {k: v.item() for k, v in losses.items()}
-                lr = task.scheduler.get_last_lr()[0]
-                bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{lr:.2e}"}, refresh=False)
-                if state.step % LOG_EVERY == 0 or last:
-                    run.log.info("%s step %d/%d %s lr %.3e", task.name, state.step, task.total_steps,
-                                 " ".join(f"{k} {v:.4f}" for k, v in values.items()), lr)
             if (evaluate_mid_task and config.eval_interval and not last
                     and state.step % config.eval_interval == 0):
                 evaluate_mid_task()
@@ -73,4 +123,4 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
             if config.checkpoint_interval and not last and state.step % config.checkpoint_interval == 0:
                 save_latest()
     finally:
-        bar.close()
+        progress.close()

@@ -12,10 +12,11 @@ import torch.nn as nn
 from clip.model import CLIP
 
 from mtil.datasets.base import TaskData
+from mtil.engine.precision import autocast
 from mtil.engine.state import TrainingState
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.models.architectures import Architecture
-from mtil.models.train_modes import LinearHead
+from mtil.models.heads import Head
 
 TASK_SETTINGS = ("lr", "iterations", "epochs", "batch_size", "wd", "beta2", "ls", "warmup_length")
 
@@ -40,8 +41,9 @@ class TaskContext:
     settings: TaskSettings
     data: TaskData | None = None  # None for caption datasets
     classifier: nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: torch.optim.Optimizer | None = None  # None for a task of zero steps
     scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     total_steps: int = 0
     feature_passes: int = 0  # how often fc mode encoded the training set (once per task)
 
@@ -56,7 +58,12 @@ class Run:
     evaluator: ZeroShotEvaluator
     save_dir: Path | None
     log: logging.Logger
-    heads: dict[str, LinearHead] = field(default_factory=dict)
+    heads: dict[str, Head] = field(default_factory=dict)  # heads learned in training, by dataset
     task: TaskContext | None = None
     # () -> the zero-shot weights as a CPU state dict of parameters (teachers, WiSE references); set by the runner
     zeroshot_state: Callable[[], dict[str, torch.Tensor]] = field(default=lambda: {}, repr=False)
+    precision: str = "fp32"  # resolved --precision
+
+    def autocast(self):
+        """The forward passes' arithmetic (``--precision``); weights and summed losses stay float32."""
+        return autocast(self.precision, self.device)

@@ -10,37 +10,44 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from mtil.datasets.captions import CAPTION_DATASETS
-from mtil.datasets.registry import open_dataset
+from mtil.atomic import atomic_open
+from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
+from mtil.datasets.registry import check_readable, open_dataset
 from mtil.engine.checkpoint import (
     LATEST,
     capture_rng,
     config_differences,
     config_for_checkpoint,
+    describe_differences,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from mtil.engine.loop import train_steps
+from mtil.engine.method import Method, ordered
+from mtil.engine.optim import build_optimizer, parameter_groups
+from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision
 from mtil.engine.preemption import StopFlag
-from mtil.engine.run import Run, TaskContext
+from mtil.engine.run import Run, TaskContext, TaskSettings
 from mtil.engine.schedule import warmup_cosine
 from mtil.engine.state import TrainingState
-from mtil.engine.tasks import resolve_tasks, steps_for, task_settings
+from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, task_settings
 from mtil.errors import UserError
 from mtil.evaluation import matrix as mx
 from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
-from mtil.methods import build_components
-from mtil.methods.base import Method
+from mtil.hardware import announce_device, resolve_device
 from mtil.models.architectures import Architecture
-from mtil.models.clip_loading import load_clip, model_from_state_dict, resolve_device
+from mtil.models.clip_loading import load_clip, model_from_state_dict
+from mtil.models.heads import head_from_state, head_state
 from mtil.models.lora import base_state_dict
-from mtil.models.train_modes import LinearHead, parameters_of, select_trainable, trains_text
+from mtil.models.train_modes import LINEAR_HEAD_MODES, select_trainable, trainable_names, trains_text
 from mtil.seeding import seed_everything
 
 
@@ -73,40 +80,84 @@ def _set_determinism(config: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-class SequenceRunner:
-    """Owns one run: builds it (fresh or resumed), trains every remaining task and writes every artefact."""
+@dataclass
+class Prepared:
+    """What the checks built, handed to the run once nothing is left to refuse."""
 
-    def __init__(self, config: argparse.Namespace):
+    model: torch.nn.Module
+    arch: Architecture
+    device: torch.device
+    state: TrainingState
+    source: str
+    heads: dict = field(default_factory=dict)
+
+
+class SequenceRunner:
+    """Owns one run: checks everything, builds it (fresh or resumed), trains every remaining task and writes
+    every artefact. ``components`` (method first) come from the registry; the engine imports no method."""
+
+    def __init__(self, config: argparse.Namespace, components: list[Method], path_keys: set[str] = frozenset()):
         self.config = config
         self.specs = resolve_tasks(config)
         if not self.specs:
             raise UserError("nothing to train: give --train-dataset A,B,... (or a named order) or --sequence FILE")
         self.save_dir = Path(config.save) if config.save else None
-        self.config_record = config_for_checkpoint(vars(config))
-        self.components: list[Method] = build_components(config)
+        self.path_keys = set(path_keys)
+        self.config_record = config_for_checkpoint(vars(config), self.path_keys)
+        self.components: list[Method] = components
         self.method: Method = self.components[0]
+        self.settings: list[TaskSettings] = [task_settings(config, spec) for spec in self.specs]
         self.stop = StopFlag()
-        self._check_data()
+        self.resumed: dict | None = None
 
-    # ---------------------------------------------------------------- set-up
-    def _check_data(self) -> None:
-        problems = []
+    # ---------------------------------------------------------------- checks (nothing written)
+    def check_settings(self) -> None:
+        """Every task has a length (unless the method trains nothing)."""
+        if self.method.training_free:
+            return
+        missing = [spec.dataset for spec, settings in zip(self.specs, self.settings) if not has_length(settings)]
+        if missing:
+            raise UserError(f"training needs a length: give --iterations N or --epochs N (or set it per task in "
+                            f"--sequence); no length for {', '.join(missing)}")
+
+    def check_data(self) -> None:
+        """Every dataset the run reads is there and its first items decode; reference data is there. All the
+        problems are reported together."""
+        config, problems = self.config, []
+
+        def attempt(check, *args, **kwargs):
+            try:
+                check(*args, **kwargs)
+            except UserError as exc:
+                problems.append(str(exc))
+
         for spec in self.specs:
-            try:
-                if self.method.needs_classification_data:
-                    open_dataset(spec.dataset, self.config.data_location, self.config.download)
-                elif spec.dataset not in CAPTION_DATASETS:
-                    raise UserError(f"--method {self.config.method} trains on a caption dataset "
-                                    f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
-            except UserError as exc:
-                problems.append(str(exc))
+            if self.method.needs_classification_data:
+                attempt(check_readable, spec.dataset, config.data_location, config.download, ("train", "test"))
+            elif spec.dataset not in CAPTION_DATASETS:
+                problems.append(f"--method {config.method} trains on a caption dataset "
+                                f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
+            else:
+                attempt(open_caption_dataset, spec.dataset, config.data_location)
+        trained = {spec.dataset for spec in self.specs}
+        for name in config.eval_datasets or []:
+            if name not in trained and name not in CAPTION_DATASETS:
+                attempt(check_readable, name, config.data_location, config.download, ("test",))
         for component in self.components:
-            try:
-                component.check_inputs()
-            except UserError as exc:
-                problems.append(str(exc))
+            attempt(component.check_inputs)
         if problems:
-            raise UserError("; ".join(problems))
+            raise UserError("; ".join(dict.fromkeys(problems)))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Settings that depend on the built model: --freeze patterns, something left to train, and each
+        component's own (OGD's tracked weights, LoRA's targets)."""
+        config = self.config
+        names = trainable_names(model, config.train_mode, config.freeze)  # also checks the --freeze patterns
+        if not self.method.training_free and not names and config.train_mode not in LINEAR_HEAD_MODES:
+            raise UserError(f"--train-mode {config.train_mode} with --freeze {','.join(config.freeze or [])} leaves "
+                            f"nothing to train")
+        for component in self.components:
+            component.check_model(model)
 
     def _continues_chain(self) -> bool:
         """A chain link loads the previous link's task checkpoint from the same folder."""
@@ -117,66 +168,105 @@ class SequenceRunner:
             return None
         saved = load_checkpoint(self.save_dir / LATEST)
         state = TrainingState.from_dict(saved["state"])
-        differences = config_differences(saved.get("config", {}), self.config_record)
+        differences = config_differences(saved.get("config", {}), self.config_record,
+                                         getattr(self.config, "_defaults", {}), self.path_keys)
         if not differences:
             return saved
         if state.finished and self._continues_chain():
             return None  # the previous link of a one-process-per-task chain: this link starts from its checkpoint
+        described = describe_differences(differences)
         if state.finished:
             raise UserError(
-                f"{self.save_dir} holds a finished run with different settings ({', '.join(differences[:6])}); "
-                f"use another --save (a chain's next link must --load a checkpoint from that folder)"
+                f"{self.save_dir} holds a finished run with other settings (saved -> now: {described}); use another "
+                f"--save (a chain's next link must --load a checkpoint from that folder)"
             )
         if self.config.force_resume:
-            print(f"--force-resume: resuming although these settings changed: {', '.join(differences)} (a task "
+            print(f"--force-resume: resuming although these settings changed (saved -> now): {described} (a task "
                   f"interrupted mid-way keeps its saved optimiser and schedule; new settings apply from the next task)")
             return saved
         raise UserError(
-            f"{self.save_dir} holds an unfinished run with different settings ({', '.join(differences[:6])}); "
-            f"re-run with its settings to resume, pass --force-resume to resume anyway, or use another --save"
+            f"{self.save_dir} holds an unfinished run with other settings (saved -> now: {described}); re-run with "
+            f"its settings to resume, pass --force-resume to resume anyway, or use another --save"
         )
 
-    def build(self) -> Run:
+    def prepare(self) -> Prepared:
+        """Every check, in order of cost; reads files, writes none. Raises UserError on the first problem
+        class (all missing data together)."""
         config = self.config
+        self.check_settings()
+        self.check_data()
         device = resolve_device(config.device)
-        _set_determinism(config)
-        seed_everything(config.seed)
-        log = _logger(self.save_dir)
         self.resumed = self._existing_checkpoint()
         if self.resumed is not None:
             saved = self.resumed
             arch = Architecture.from_dict(saved["arch"])
             model = model_from_state_dict(saved["model"], arch).to(device)
-            state = TrainingState.from_dict(saved["state"])
-            source = f"resumed from {self.save_dir / LATEST}"
-            heads = saved.get("heads", {})
+            prepared = Prepared(model, arch, device, TrainingState.from_dict(saved["state"]),
+                                f"resumed from {self.save_dir / LATEST}", saved.get("heads", {}))
         else:
             loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained,
                                load=config.load, device=device, seed=config.seed)
-            model, arch, source = loaded.model, loaded.arch, loaded.source
             previous = chain_state(loaded.checkpoint, config)
             completed = list(previous.get("completed", []))
             state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
                                   global_step=int(previous.get("global_step", 0)),
                                   zero_shot_evaluated=bool(completed),
-                                  base=previous.get("base") or base_spec(config))
-            heads = loaded.checkpoint.get("heads") or {}  # a chain's --load: the heads learned so far
-        evaluator = ZeroShotEvaluator(model, data_location=config.data_location, download=config.download,
+                                  base=previous.get("base") or base_spec(config, self.path_keys))
+            # a chain's --load brings the heads learned so far
+            prepared = Prepared(loaded.model, loaded.arch, device, state, loaded.source,
+                                loaded.checkpoint.get("heads") or {})
+        self.check_model(prepared.model)
+        return prepared
+
+    def build(self) -> Run:
+        """Check everything, then (and only then) create the save folder, its log and config.yaml."""
+        config = self.config
+        prepared = self.prepare()
+        device, state = prepared.device, prepared.state
+        announce_device(config.device, device)
+        _set_determinism(config)
+        configure_matmul(device, config.deterministic)
+        seed_everything(config.seed)
+        precision = resolve_precision(config.precision, device)
+        log = _logger(self.save_dir)
+        if self.save_dir is not None:
+            write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings())
+        evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
-                                      max_size=config.max_evaluation_size, seed=config.seed)
-        for component in self.components:
-            component.check_model(model)
-        run = Run(config, model, arch, device, state, evaluator, self.save_dir, log)
+                                      max_size=config.max_evaluation_size, seed=config.seed,
+                                      autocast_dtype=DTYPES[precision])
+        run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
+                  precision=precision)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
         evaluator.learned_heads = run.heads
-        for name, head_state in heads.items():
-            run.heads[name] = LinearHead(head_state["linear.weight"], head_state["linear.bias"]).to(device)
+        for name, entry in prepared.heads.items():
+            run.heads[name] = head_from_state(entry).to(device)
         if self.resumed is not None:
             for component in self.components:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
-        _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model {source}; "
-                  f"device {device}")
+        _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model "
+                  f"{prepared.source}; device {device}, precision {precision}, {torch.get_num_threads()} threads")
+        for line in self._settings_report():
+            _say(log, line)
         return run
+
+    def _applied_settings(self) -> dict[str, dict]:
+        return {spec.dataset: {k: v for k, v in vars(settings).items() if v is not None}
+                for spec, settings in zip(self.specs, self.settings)}
+
+    def _settings_report(self) -> list[str]:
+        """What each task trains with, where a sequence gave per-task values (and which typed flags won)."""
+        lines = []
+        replaced = overridden(self.config, self.specs)
+        for key, tasks in replaced.items():
+            lines.append(f"note: --{key.replace('_', '-')} given on the command line (or in --config) replaces "
+                         f"{self.config.train_dataset}'s per-task {key} ({', '.join(tasks)})")
+        if any(spec.overrides for spec in self.specs) and not self.method.training_free:
+            for spec, settings in zip(self.specs, self.settings):
+                length = f"{settings.iterations} iterations" if settings.iterations is not None else \
+                    f"{settings.epochs} epochs"
+                lines.append(f"  {spec.dataset}: lr {settings.lr:g}, {length}, batch {settings.batch_size}")
+        return lines
 
     # ---------------------------------------------------------------- checkpoints
     def _payload(self, run: Run, with_optimizer: bool) -> dict:
@@ -185,7 +275,7 @@ class SequenceRunner:
             "arch": run.arch.to_dict(),
             # plain CLIP names and weights; mid-task LoRA adapters travel in their component's state
             "model": {k: v.detach().cpu() for k, v in base_state_dict(run.model).items()},
-            "heads": {n: {k: v.detach().cpu() for k, v in h.state_dict().items()} for n, h in run.heads.items()},
+            "heads": {n: head_state(h) for n, h in run.heads.items()},
             "methods": {c.name: c.state_dict() for c in self.components},
             "rng": capture_rng(),
             "state": run.state.to_dict(),
@@ -195,6 +285,8 @@ class SequenceRunner:
         if with_optimizer and task is not None and task.optimizer is not None:
             payload["optimizer"] = task.optimizer.state_dict()
             payload["scheduler"] = task.scheduler.state_dict()
+            if task.scaler is not None:
+                payload["scaler"] = task.scaler.state_dict()
         return payload
 
     def save_latest(self, run: Run, with_optimizer: bool = True) -> None:
@@ -230,28 +322,35 @@ class SequenceRunner:
     def _start_task(self, run: Run) -> TaskContext:
         config, state = self.config, run.state
         name = state.current_task
-        spec = self.specs[state.task_index - (len(state.sequence) - len(self.specs))]
-        settings = task_settings(config, spec)
+        index = state.task_index - (len(state.sequence) - len(self.specs))
+        settings = self.settings[index]
         data = open_dataset(name, config.data_location, config.download) \
             if self.method.needs_classification_data else None
         task = TaskContext(name=name, settings=settings, data=data)
         run.task = task
-        trainable = select_trainable(run.model, config.train_mode, config.freeze)
+        select_trainable(run.model, config.train_mode, config.freeze)
         if self.method.trains_logit_scale:
             run.model.logit_scale.requires_grad_(True)
-            trainable.append("logit_scale")
-        for component in self.components:
+        if self.method.training_free:
+            for param in run.model.parameters():
+                param.requires_grad_(False)
+        for component in ordered(self.components, "before_task"):
             component.before_task(run, task)
+        if self.method.training_free:
+            task.total_steps = state.total_steps = 0
+            return task
         raw, _, _ = self.method.train_items(run, task)
         task.total_steps = steps_for(settings, len(raw))
         state.total_steps = task.total_steps
         extra = [m for c in self.components for m in c.extra_modules(run, task)]
-        params = parameters_of([run.model, *extra])
-        if not params:
+        groups = parameter_groups(run.model, extra, settings.lr, config.lr_multipliers)
+        groups = self.method.parameter_groups(run, task, groups)
+        if not any(group["params"] for group in groups):
             raise UserError(f"--train-mode {config.train_mode} with --freeze {config.freeze} leaves nothing to train")
-        task.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.wd,
-                                           betas=(0.9, settings.beta2))
+        task.optimizer = self.method.optimizer(run, task, groups) or \
+            build_optimizer(config.optimizer, groups, settings, config.momentum)
         task.scheduler = warmup_cosine(task.optimizer, settings.warmup_length, task.total_steps)
+        task.scaler = grad_scaler(run.precision, run.device)
         return task
 
     def _text_changes(self) -> bool:
@@ -266,11 +365,13 @@ class SequenceRunner:
         task = self._start_task(run)
         resuming_mid_task = self.resumed is not None and state.step > 0 and "optimizer" in self.resumed
         if resuming_mid_task:
-            # base.py's contract: on a mid-task resume the method state overrides what before_task rebuilt.
+            # the interface's contract: on a mid-task resume the method state overrides what before_task rebuilt.
             for component in self.components:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
             task.optimizer.load_state_dict(self.resumed["optimizer"])
             task.scheduler.load_state_dict(self.resumed["scheduler"])
+            if task.scaler is not None and "scaler" in self.resumed:
+                task.scaler.load_state_dict(self.resumed["scaler"])
             restore_rng(self.resumed["rng"])
             _say(run.log, f"resuming {task.name} at step {state.step}/{task.total_steps}")
         else:
@@ -280,7 +381,7 @@ class SequenceRunner:
         train_steps(run, task, self.components, stream_id, stop=self.stop,
                     save_latest=lambda: self.save_latest(run),
                     evaluate_mid_task=lambda: self._evaluate_mid_task(run))
-        for component in self.components:
+        for component in ordered(self.components, "after_task"):
             component.after_task(run, task)
         state.completed.append(task.name)
         state.step = 0
@@ -339,11 +440,25 @@ def chain_state(checkpoint: dict, config: argparse.Namespace) -> dict:
     return previous
 
 
-def base_spec(config: argparse.Namespace) -> dict:
+def base_spec(config: argparse.Namespace, path_keys: set[str] = frozenset()) -> dict:
     """How to rebuild the zero-shot (pre-sequence) weights: recorded in the state, so that every link of a chain
-    and every resumed run refers to the same weights without storing a second copy in each checkpoint."""
-    return {"model": config.model, "load": config.load, "untrained": config.untrained, "seed": config.seed,
-            "clip_root": config.clip_root}
+    and every resumed run refers to the same weights without storing a second copy in each checkpoint (paths
+    resolved, so a chain link started from another folder finds them)."""
+    record = config_for_checkpoint({k: getattr(config, k) for k in ("model", "load", "clip_root")},
+                                   path_keys | {"load", "clip_root"})
+    return {**record, "untrained": config.untrained, "seed": config.seed}
+
+
+def write_config_file(path: Path, record: dict, applied: dict[str, dict]) -> None:
+    """``<save>/config.yaml``: the resolved settings (``--config`` of this file repeats the run) and, as
+    comments, what each task trained with."""
+    settings = {k: v for k, v in record.items() if k != "config"}
+    lines = ["# mtil: the resolved settings of this run; `python -m mtil.main --config config.yaml` repeats it.",
+             "# Per-task settings applied:"]
+    lines += [f"#   {task}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for task, values in applied.items()]
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(settings, sort_keys=False, default_flow_style=None)
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
 
 
 class ZeroShotWeights:

@@ -23,20 +23,24 @@ NAMED_ORDERS = {
 class TaskSpec:
     dataset: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    builtin: bool = False  # from a named order shipped with mtil, not from the user's own --sequence file
 
 
-def read_sequence_file(path: str | Path) -> list[TaskSpec]:
+def read_sequence_file(path: str | Path, builtin: bool = False) -> list[TaskSpec]:
     """YAML: ``tasks: [ {dataset: Aircraft, lr: 5.0e-5}, Caltech101, ... ]`` (a bare name has no overrides)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--sequence file {path} does not exist")
     try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"--sequence file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     entries = document.get("tasks") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"--sequence file {path} needs a non-empty list under 'tasks:'")
+    from mtil.args import setting_types
+
+    types = setting_types()
     specs = []
     for number, entry in enumerate(entries, 1):
         if isinstance(entry, str):
@@ -48,33 +52,24 @@ def read_sequence_file(path: str | Path) -> list[TaskSpec]:
         if unknown:
             raise UserError(f"--sequence file {path}: task {number} sets {unknown}; per-task settings "
                             f"accepted: {', '.join(TASK_SETTINGS)}")
-        overrides = {k: _setting(path, number, k, v) for k, v in overrides.items()}
+        overrides = {k: _setting(path, number, k, v, types[k]) for k, v in overrides.items()}
         if overrides.get("iterations") is not None and overrides.get("epochs") is not None:
             raise UserError(f"--sequence file {path}: task {number} sets both iterations and epochs; give one")
-        specs.append(TaskSpec(str(entry["dataset"]), overrides))
+        specs.append(TaskSpec(str(entry["dataset"]), overrides, builtin))
     return specs
 
 
-_FLOAT_SETTINGS = ("lr", "wd", "beta2", "ls")
-_POSITIVE_SETTINGS = ("lr", "iterations", "epochs", "batch_size")
-
-
-def _setting(path: Path, number: int, key: str, value: Any) -> Any:
-    """A per-task value as the number its flag takes (YAML reads ``5e-5`` as a string), checked like the flag."""
+def _setting(path: Path, number: int, key: str, value: Any, check) -> Any:
+    """A per-task value through its flag's own validator (so ``ls: 1.5`` fails as ``--ls 1.5`` does)."""
     if value is None:
         return None
-    kind = float if key in _FLOAT_SETTINGS else int
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"--sequence file {path}: task {number} {key}: expected a number, got {value!r}")
+    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        converted = kind(value)
-    except (TypeError, ValueError):
-        expected = "a number" if kind is float else "an integer"
-        raise UserError(f"--sequence file {path}: task {number} {key}: expected {expected}, got {value!r}") from None
-    if converted < 0 or (key in _POSITIVE_SETTINGS and converted == 0):
-        limit = "positive" if key in _POSITIVE_SETTINGS else "0 or more"
-        raise UserError(f"--sequence file {path}: task {number} {key} must be {limit}, got {value!r}")
-    return converted
+        return check(text) if check is not None else value
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"--sequence file {path}: task {number} {key}: {exc}") from None
 
 
 def resolve_tasks(config: argparse.Namespace) -> list[TaskSpec]:
@@ -83,20 +78,52 @@ def resolve_tasks(config: argparse.Namespace) -> list[TaskSpec]:
     if not config.train_dataset:
         return []
     if config.train_dataset in NAMED_ORDERS:
-        return read_sequence_file(NAMED_ORDERS[config.train_dataset])
+        return read_sequence_file(NAMED_ORDERS[config.train_dataset], builtin=True)
     return [TaskSpec(name.strip()) for name in config.train_dataset.split(",") if name.strip()]
 
 
+def typed_settings(config: argparse.Namespace) -> set[str]:
+    """The per-task settings the user set on the command line or in ``--config``."""
+    return {k for k in (*getattr(config, "_cli", ()), *getattr(config, "_file", ())) if k in TASK_SETTINGS}
+
+
+def _beaten(spec: TaskSpec, key: str, typed: set[str]) -> bool:
+    """A named order's per-task value gives way to a typed flag (the length counts as one setting)."""
+    if not spec.builtin:
+        return False
+    return key in typed or (key in ("iterations", "epochs") and bool(typed & {"iterations", "epochs"}))
+
+
 def task_settings(config: argparse.Namespace, spec: TaskSpec) -> TaskSettings:
+    """The rule, most specific statement of the user first: a task's entry in the user's own ``--sequence``
+    file; then a flag typed on the command line (or set in ``--config``); then a named order's per-task value
+    (MTIL-I's learning rates: the paper's recipe, never over what the user typed); then the flag's default."""
     values = {name: getattr(config, name) for name in TASK_SETTINGS}
-    overrides = dict(spec.overrides)
-    # A per-task length replaces the command line's, whichever unit either uses.
+    typed = typed_settings(config)
+    overrides = {k: v for k, v in spec.overrides.items() if not _beaten(spec, k, typed)}
     if "iterations" in overrides or "epochs" in overrides:
         values["iterations"] = values["epochs"] = None
     values.update(overrides)
     if values["iterations"] is not None and values["epochs"] is not None:
         raise UserError(f"task {spec.dataset}: iterations and epochs both set; give one")
     return TaskSettings(**values)
+
+
+def overridden(config: argparse.Namespace, specs: list[TaskSpec]) -> dict[str, list[str]]:
+    """setting -> the tasks whose named-order value a typed flag replaced (to print what was applied)."""
+    typed = typed_settings(config)
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        for key in spec.overrides:
+            if _beaten(spec, key, typed):
+                out.setdefault(key, []).append(f"{spec.dataset} {spec.overrides[key]:g}"
+                                               if isinstance(spec.overrides[key], float)
+                                               else f"{spec.dataset} {spec.overrides[key]}")
+    return out
+
+
+def has_length(settings: TaskSettings) -> bool:
+    return settings.iterations is not None or settings.epochs is not None
 
 
 def steps_for(settings: TaskSettings, dataset_size: int) -> int:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from mtil.datasets.base import TaskData
 from mtil.datasets.registry import open_dataset
 from mtil.evaluation.sampling import balanced_sample
+from mtil.models.heads import Head, ZeroShotHead
 from mtil.models.text import zeroshot_head
 from mtil.models.transforms import eval_transform
 
@@ -23,12 +24,19 @@ class EvalResult:
     top1: float
     top5: float
     count: int
+    classes: int = 0
+    head: str = "zeroshot"  # the kind of head that classified (a learned head replaces zero-shot's)
 
 
-def autocast_for(device: torch.device):
-    """Half-precision matmuls on GPU (as OpenAI's fp16 weights were trained), exact float32 on CPU."""
+def autocast_for(device: torch.device, dtype: torch.dtype | None = torch.float16):
+    """Autocast to ``dtype`` (None: exact float32). Default: half precision on GPU (as OpenAI's fp16 weights were
+    trained), float32 on CPU."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and dtype != torch.float16:
+        return torch.autocast("cpu", dtype=dtype)
     return nullcontext()
 
 
@@ -41,7 +49,8 @@ class ZeroShotEvaluator:
     """
 
     def __init__(self, model: CLIP, *, data_location: str | Path = "data", download: bool = False,
-                 batch_size: int = 128, workers: int = 2, max_size: int | None = None, seed: int = 0):
+                 batch_size: int = 128, workers: int = 2, max_size: int | None = None, seed: int = 0,
+                 autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.data_location = data_location
         self.download = download
@@ -49,9 +58,11 @@ class ZeroShotEvaluator:
         self.workers = workers
         self.max_size = max_size
         self.seed = seed
-        self._heads: dict[str, torch.Tensor] = {}
-        # Linear heads learned in the image-fc / fc train modes replace the zero-shot head of their dataset.
-        self.learned_heads: dict[str, torch.nn.Module] = {}
+        # None: half precision on GPU, float32 on CPU (autocast_for's default); else the run's --precision
+        self.autocast_dtype = autocast_dtype
+        self._heads: dict[str, ZeroShotHead] = {}
+        # Heads learned in training (e.g. the linear heads of image-fc / fc) replace their dataset's zero-shot head.
+        self.learned_heads: dict[str, Head] = {}
         self._loaders: dict[str, DataLoader] = {}
         self.heads_built = 0  # counted, so tests can prove the cache works
 
@@ -66,16 +77,27 @@ class ZeroShotEvaluator:
     def task(self, name: str) -> TaskData:
         return open_dataset(name, self.data_location, self.download)
 
-    def head(self, name: str) -> torch.Tensor:
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return autocast_for(self.device)
+        return autocast_for(self.device, self.autocast_dtype)
+
+    def zeroshot_head(self, name: str) -> ZeroShotHead:
         if name not in self._heads:
             task = self.task(name)
             was_training = self.model.training
             self.model.eval()
-            with autocast_for(self.device):
-                self._heads[name] = zeroshot_head(self.model, task.classnames, task.templates).float()
+            with self._autocast():
+                weight = zeroshot_head(self.model, task.classnames, task.templates).float()
+            self._heads[name] = ZeroShotHead(weight)
             self.model.train(was_training)
             self.heads_built += 1
         return self._heads[name]
+
+    def head(self, name: str) -> Head:
+        """The head that classifies ``name``: a learned one if training left one, else the zero-shot head."""
+        learned = self.learned_heads.get(name)
+        return learned if learned is not None else self.zeroshot_head(name)
 
     def loader(self, name: str) -> DataLoader:
         if name not in self._loaders:
@@ -91,23 +113,23 @@ class ZeroShotEvaluator:
 
     @torch.no_grad()
     def evaluate(self, name: str) -> EvalResult:
-        learned = self.learned_heads.get(name)
-        head = self.head(name) if learned is None else None
+        head = self.head(name)
         was_training = self.model.training
         self.model.eval()
         correct1 = correct5 = total = 0
-        k = min(5, len(self.task(name).classnames))
+        classes = len(self.task(name).classnames)
+        k = min(5, classes)
         for images, labels in self.loader(name):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with autocast_for(self.device):
+            with self._autocast():
                 features = self.model.encode_image(images)
             features = F.normalize(features.float(), dim=-1)
-            logits = features @ head if learned is None else learned(features)
+            logits = head(features)
             top = logits.topk(k, dim=1).indices
             hits = top == labels[:, None]
             correct1 += hits[:, 0].sum().item()
             correct5 += hits.any(dim=1).sum().item()
             total += labels.numel()
         self.model.train(was_training)
-        return EvalResult(name, 100.0 * correct1 / total, 100.0 * correct5 / total, total)
+        return EvalResult(name, 100.0 * correct1 / total, 100.0 * correct5 / total, total, classes, head.kind)

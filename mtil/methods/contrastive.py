@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from mtil.datasets.captions import open_caption_dataset
-from mtil.methods.base import Method
+from mtil.engine.method import Method
 from mtil.models.text import tokenize
 from mtil.models.transforms import train_transform
+from mtil.registry import register
 
 
 def _collate(items):
@@ -20,8 +21,11 @@ def _collate(items):
     return torch.stack(images), list(captions)
 
 
+@register
 class Contrastive(Method):
     name = "contrastive"
+    summary = "CLIP's image-text loss on a caption dataset (ToyCaptions), e.g. for pre-training"
+    train_modes = ("whole",)
     trains_logit_scale = True
     needs_classification_data = False
 

@@ -7,21 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from mtil.methods.base import Method
-from mtil.models.train_modes import (
-    LINEAR_HEAD_MODES,
-    LinearHead,
-    LinearHeadClassifier,
-    PromptClassifier,
-    image_features,
-)
+from mtil.engine.method import Method
+from mtil.models.heads import LinearHead
+from mtil.models.train_modes import LINEAR_HEAD_MODES, LinearHeadClassifier, PromptClassifier, image_features
 from mtil.models.transforms import eval_transform
+from mtil.registry import register
 
 
+@register
 class Finetune(Method):
     """``L = CE(logits, y; label smoothing)``; logits from class prompts or a linear head, per train mode."""
 
     name = "finetune"
+    summary = "cross-entropy on the current task (the baseline)"
 
     def before_task(self, run, task) -> None:
         mode = run.config.train_mode

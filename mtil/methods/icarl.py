@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
+from mtil.args import add_flag, positive_int
 from mtil.datasets.registry import open_dataset
+from mtil.engine.weights import load_into
 from mtil.methods.distillation import frozen_copy
 from mtil.methods.reference_distillation import ReferenceDistillation
-from mtil.methods.weight_averaging import load_into
 from mtil.models.transforms import eval_transform
+from mtil.registry import register
 
 
 @torch.no_grad()
@@ -43,8 +45,18 @@ def herding(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
+@register
 class ICaRL(ReferenceDistillation):
     name = "icarl"
+    summary = "an exemplar memory filled by herding, with distillation on it"
+    flag_group = ("iCaRL", "The exemplar memory and teacher of iCaRL.")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--memory-size", type=positive_int, default=2000,
+                 help="Exemplars kept over all past tasks.")
+        add_flag(group, "--icarl-teacher", default="previous", choices=["previous", "zeroshot"],
+                 help="Distillation teacher: the model from the end of the previous task, or the zero-shot model.")
 
     def __init__(self, config):
         super().__init__(config)

@@ -1,15 +1,15 @@
 """``--lora``: each task trains fresh LoRA adapters instead of CLIP's weights and merges them in at its end.
 
-Two components share one state (``build_components`` places them):
+One component that acts at two places of the hook order:
 
-* :class:`LoraAdapters`, right after the method. ``before_task`` injects fresh adapters (``B = 0``: outputs
+* ``before_task`` right after the method's: injects fresh adapters (``B = 0``: outputs
   unchanged; initialised from ``seed + task index`` without touching the global RNG streams) and makes exactly the
   adapters of the encoders ``--train-mode`` trains trainable (minus ``--freeze`` patterns); every base weight is
   frozen (``logit_scale`` keeps what the method asked for). Being after the method, the method's teachers (LwF,
   ZSCL, iCaRL) are built from the plain model; being before L2 / WE / EMA, those snapshot the *adapter* parameters
   (their anchors, averages and shadows are adapter values, and they load the averaged adapters back at the task's
   end; note that averaging factors ``A``, ``B`` is not averaging the products ``B A``).
-* :class:`LoraMerge`, after L2 / WE / EMA and before the WiSE merge: ``after_task`` merges the (averaged)
+* ``after_task`` after L2 / WE / EMA and before the WiSE merge (``hook_order``): it merges the (averaged)
   adapters into the base weights and removes the adapter layers, so WiSE blends plain weights and the task
   checkpoint (``<Dataset>.pth``, the task-end ``latest.pth``) holds a plain CLIP state dict.
 
@@ -25,8 +25,11 @@ from typing import Any
 
 import torch
 
-from mtil.methods.base import Method
+from mtil.args import add_flag, dropout, name_list, positive_float, positive_int
+from mtil.engine.method import Component
+from mtil.errors import UserError
 from mtil.models.lora import (
+    DEFAULT_TARGETS,
     LoraSettings,
     count_trainable,
     has_lora,
@@ -37,18 +40,66 @@ from mtil.models.lora import (
     resolve_targets,
 )
 from mtil.models.train_modes import is_image_param, is_text_param, trains_image, trains_text
+from mtil.registry import register
 
 SEED_OFFSET = 7_919  # adapter initialisation seed = --seed + this + task index
 
 
-class LoraAdapters(Method):
+@register
+class LoraAdapters(Component):
     name = "lora"
+    summary = "LoRA adapters trained instead of CLIP's weights"
+    enable_flag = "--lora"
+    flag_group = ("LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them "
+                          "at each task's end, so every task checkpoint holds a plain CLIP (see README: LoRA).")
+    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes_note = ("fc trains only a linear head on frozen features, so LoRA would have nothing to adapt; "
+                        "image-fc trains image-encoder adapters and the head")
+    conflicts = {"ogd": "--orthogonal-gradients projects gradients of CLIP's weights, which --lora freezes (only "
+                        "fresh per-task adapters train): use one of them"}
+    requires = {"lora_shared_split_qkvo": "lora_shared"}
+    order = 10.0  # inject after the method built its teachers, before L2 / WE / EMA snapshot the adapters
+    hook_order = {"after_task": 40.0}  # merge after L2 / WE / EMA produced the adapters, before WiSE blends
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--lora", action="store_true",
+                 help="Train LoRA adapters on --lora-target-modules instead of CLIP's weights: fresh adapters at "
+                      "each task's start (B = 0: outputs unchanged), merged into the weights at its end. "
+                      "--train-mode picks which encoder's adapters train (image: image encoder only; image-fc: "
+                      "plus the head); not with fc.")
+        add_flag(group, "--lora-r", type=positive_int, default=8, help="Rank r of every adapter.")
+        add_flag(group, "--lora-alpha", type=positive_float, default=16,
+                 help="Adapter scaling: the update is (alpha / r) * B A.")
+        add_flag(group, "--lora-dropout", type=dropout, default=0.0,
+                 help="Dropout on the input of the Linear (MLP) adapters (default 0; the seed used 0.1). Attention "
+                      "adapters act through the weights (peft's MultiheadAttention LoRA), which takes no dropout.")
+        add_flag(group, "--lora-target-modules", type=name_list, default=list(DEFAULT_TARGETS), metavar="NAMES",
+                 help="Comma-separated module names; a name matches every module called so or ending in '.NAME'. "
+                      "'attn': q, k, v and o of every nn.MultiheadAttention; 'attn.in_proj': q, k and v; "
+                      "'attn.out_proj': o; 'attn.q', 'attn.k', 'attn.v', 'attn.o': one projection; 'mlp.c_fc', "
+                      "'mlp.c_proj': the MLP linears; both encoders. scripts/list_clip_layers.py lists the names a "
+                      "model accepts.")
+        add_flag(group, "--lora-shared", action="store_true",
+                 help="Share adapters across layers: every adapter reuses the A and B of the first one with the "
+                      "same (encoder, layer type attn/mlp, shapes); attention never shares with MLP.")
+        add_flag(group, "--lora-shared-split-qkvo", action="store_true",
+                 help="With --lora-shared: the projection (q, k, v, o) joins the sharing key, so q shares only with "
+                      "q, etc.")
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return bool(config.lora)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if not config.lora_target_modules:
+            raise UserError("--lora-target-modules names no module (e.g. attn,mlp.c_fc,mlp.c_proj)")
 
     def __init__(self, config):
         super().__init__(config)
         self.settings = LoraSettings.from_args(config)
         self.model: torch.nn.Module | None = None
-        self.merge_step = LoraMerge(config, self)
 
     def check_model(self, model) -> None:
         resolve_targets(model, self.settings.targets)  # a bad target: one-line UserError before anything runs
@@ -81,7 +132,7 @@ class LoraAdapters(Method):
         print(message, flush=True)
         run.log.info(message)
 
-    def merge(self, run) -> None:
+    def after_task(self, run, task) -> None:
         if has_lora(run.model):
             merge_lora(run.model)
         self.model = None
@@ -102,16 +153,3 @@ class LoraAdapters(Method):
                                f"({len(adapters)} saved, {len(params)} injected)")
         for name, value in adapters.items():
             params[name].copy_(value)
-
-
-class LoraMerge(Method):
-    """The end-of-task half of :class:`LoraAdapters`: merges the adapters (after weight averaging, before WiSE)."""
-
-    name = "lora_merge"
-
-    def __init__(self, config, adapters: LoraAdapters):
-        super().__init__(config)
-        self.adapters = adapters
-
-    def after_task(self, run, task) -> None:
-        self.adapters.merge(run)

@@ -44,11 +44,14 @@ from typing import Any
 
 import torch
 
+from mtil.args import add_flag, energy_fraction, name_list, positive_int
 from mtil.atomic import atomic_open
 from mtil.engine.gradients import GradientTracker
+from mtil.engine.method import Component
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
-from mtil.methods.base import Method
+from mtil.models.train_modes import wanted_by_mode
+from mtil.registry import register
 
 DEFAULT_PATTERNS = ["*attn.in_proj_weight", "*attn.out_proj.weight", "*mlp.c_fc.weight", "*mlp.c_proj.weight"]
 BASIS_FORMAT = "mtil-ogd-basis"
@@ -170,10 +173,73 @@ def load_basis(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 # --------------------------------------------------------------------------- the component
-class OrthogonalGradients(Method):
+@register
+class OrthogonalGradients(Component):
     """Records gradients during a task, projects later tasks' gradients off their orthonormal basis."""
 
     name = "ogd"
+    summary = "orthogonal gradient descent across tasks"
+    enable_flag = "--orthogonal-gradients N"
+    flag_group = ("Orthogonal gradients (OGD)",
+                  "Project each task's gradients off the directions earlier tasks' gradients spanned "
+                  "(see mtil/methods/ogd.py).")
+    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    order = 60.0  # only touches gradients: its place in the order is free
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--orthogonal-gradients", type=positive_int, default=None, metavar="N",
+                 help="Record the tracked weights' gradients at N evenly spaced steps of each task; at the task's "
+                      "end keep their orthonormal basis (merged with earlier tasks', written to grad_<Dataset>.pth "
+                      "in --save) and project every later task's gradients off it. With --optimizer sgd (no "
+                      "momentum, no --wd) the update itself is orthogonal to the basis; with AdamW only the "
+                      "gradient is.")
+        add_flag(group, "--orthogonal-gradients-path", default=None, metavar="FILE", path=True,
+                 help="Start from this basis file (a previous process's grad_<Dataset>.pth) to continue a chain of "
+                      "one-task runs.")
+        add_flag(group, "--ogd-energy", type=energy_fraction, default=0.97,
+                 help="Keep the leading singular directions of a task's gradients that hold this fraction of their "
+                      "energy.")
+        add_flag(group, "--ogd-params", type=name_list, default=list(DEFAULT_PATTERNS), metavar="PATTERNS",
+                 help="Comma-separated parameter-name patterns (fnmatch) of the tracked weights (trainable ones "
+                      "only).")
+        add_flag(group, "--ogd-dtype", default="float32", choices=["float32", "float16"],
+                 help="Precision of the gradient snapshots kept on the CPU during a task (the basis is float32).")
+        add_flag(group, "--ogd-save-raw", action="store_true",
+                 help="Also write each task's raw gradient snapshots to grad_raw_<Dataset>.pth "
+                      "(scripts/convert_grad_to_basis.py turns them into a basis).")
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.orthogonal_gradients is not None
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if not config.ogd_params:
+            raise UserError("--ogd-params needs at least one parameter-name pattern")
+        path = config.orthogonal_gradients_path
+        if path and not Path(path).is_file():
+            raise UserError(f"--orthogonal-gradients-path {path} does not exist")
+
+    def check_inputs(self) -> None:
+        if self.config.orthogonal_gradients_path:
+            self.basis, self.tasks = load_basis(self.config.orthogonal_gradients_path)
+
+    def check_model(self, model) -> None:
+        """The patterns must select trainable weights of this model, and a loaded basis must fit them."""
+        cfg = self.config
+        names = [n for n, _ in model.named_parameters() if wanted_by_mode(n, cfg.train_mode, cfg.freeze)
+                 and any(fnmatch.fnmatchcase(n, pat) for pat in self.patterns)]
+        if not names:
+            examples = [n for n, p in model.named_parameters() if p.dim() == 2 and
+                        wanted_by_mode(n, cfg.train_mode, cfg.freeze)][:3]
+            raise UserError(f"--ogd-params {','.join(self.patterns)} matches no trainable weight of this model "
+                            f"(--train-mode {cfg.train_mode}); trainable weights are e.g. {', '.join(examples)}")
+        params = dict(model.named_parameters())
+        for name, basis in self.basis.items():
+            if name in params and basis.shape[1] != params[name].numel():
+                raise UserError(f"OGD basis of {name} has {basis.shape[1]} columns but the weight has "
+                                f"{params[name].numel()} elements (a basis from another model?)")
 
     def __init__(self, config):
         super().__init__(config)
@@ -182,10 +248,7 @@ class OrthogonalGradients(Method):
         self.patterns = list(getattr(config, "ogd_params", None) or DEFAULT_PATTERNS)
         self.dtype = torch.float16 if getattr(config, "ogd_dtype", "float32") == "float16" else torch.float32
         self.basis: dict[str, torch.Tensor] = {}  # CPU float32, K x numel per parameter: all finished tasks
-        self.tasks: list[str] = []  # the tasks the basis covers
-        path = getattr(config, "orthogonal_gradients_path", None)
-        if path:
-            self.basis, self.tasks = load_basis(path)
+        self.tasks: list[str] = []  # the tasks the basis covers (check_inputs reads --orthogonal-gradients-path)
         self.names: list[str] = []  # tracked in the current task
         self.tracker: GradientTracker | None = None
         self._pending_tracker: dict | None = None  # tracker state of a mid-task resume, applied when built

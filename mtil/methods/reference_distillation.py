@@ -18,16 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mtil.args import add_flag, positive_float, positive_int, unit_interval
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.registry import open_dataset
 from mtil.datasets.sentences import conceptual_captions, toy_captions
 from mtil.engine.data_stream import batch_stream
+from mtil.engine.weights import interpolate, load_into
 from mtil.errors import UserError
 from mtil.methods.distillation import SentenceFeatures, distill, frozen_copy, random_token_sentences
 from mtil.methods.finetune import Finetune
-from mtil.methods.weight_averaging import interpolate, load_into
 from mtil.models.clip_loading import model_names
 from mtil.models.transforms import eval_transform
+from mtil.registry import register
 
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
 
@@ -45,10 +47,38 @@ class _Images(Dataset):
         return self.raw[index][0], 0
 
 
+DISTILLATION_MODES = ("whole", "image", "image-fc", "image-fc-fixed")  # not text (see README), not fc
+
+
 class ReferenceDistillation(Finetune):
     """Fine-tuning + distillation on reference data; subclasses choose teacher, images and sentences."""
 
     name = "reference-distillation"
+    flag_group = ("Distillation (ZSCL, LwF, LwF-VR, iCaRL)", "The distillation losses these methods share.")
+    # The student's logits use the teacher's sentence features (as in ZSCL), so distillation acts through the
+    # image encoder only: with --train-mode text it would do nothing; fc trains a head on frozen features.
+    train_modes = DISTILLATION_MODES
+    train_modes_note = ("the distillation acts through the image encoder (student images against the teacher's "
+                        "sentence features, as in ZSCL), which text and fc freeze: it would do nothing")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--T", type=positive_float, default=2.0, dest="T", help="Distillation temperature.")
+        add_flag(group, "--image-loss", action="store_true",
+                 help="Distil over sentences (softmax per reference image). Without --image-loss and --text-loss "
+                      "both are on.")
+        add_flag(group, "--text-loss", action="store_true",
+                 help="Distil over reference images (softmax per sentence).")
+        add_flag(group, "--feature-mse", action="store_true",
+                 help="Add MSE between student and teacher reference image features.")
+        add_flag(group, "--image-image-loss", action="store_true",
+                 help="Ablation: distil image-image similarities of the reference batch (diagonal masked).")
+        add_flag(group, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
+        add_flag(group, "--ref-batch-size", type=positive_int, default=None,
+                 help="Reference images per step (default: --batch-size).")
+        add_flag(group, "--ref-sentences-count", type=positive_int, default=5000,
+                 help="How many random-token / ToyCaptions sentences to draw (ZSCL's random and ToyCaptions "
+                      "sentences, LwF-VR).")
 
     def __init__(self, config):
         super().__init__(config)
@@ -57,6 +87,9 @@ class ReferenceDistillation(Finetune):
         self.teacher_text = SentenceFeatures()
         self._ref_iter = None
         self.weight = 0.5 if config.weight_adjust else 1.0
+        # neither direction named: both, as in ZSCL
+        both = not config.image_loss and not config.text_loss
+        self.image_loss, self.text_loss = config.image_loss or both, config.text_loss or both
 
     # --- what subclasses choose ------------------------------------------------------------
     def make_teacher(self, run, task):
@@ -104,9 +137,9 @@ class ReferenceDistillation(Finetune):
             teacher_logits = scale * teacher_img @ sentences.T
         student_img = F.normalize(run.model.encode_image(x_ref), dim=-1)
         student_logits = scale * student_img @ sentences.T
-        if cfg.image_loss:
+        if self.image_loss:
             losses["distill_image"] = self.weight * distill(teacher_logits, student_logits, cfg.T)
-        if cfg.text_loss:
+        if self.text_loss:
             losses["distill_text"] = self.weight * distill(teacher_logits.T, student_logits.T, cfg.T)
         if cfg.feature_mse:
             losses["feature_mse"] = self.weight * F.mse_loss(student_img, teacher_img)
@@ -140,16 +173,31 @@ def class_prompts(names: list[str], location, download: bool = False) -> list[st
     return sentences
 
 
+@register
 class ZSCL(ReferenceDistillation):
     """Teacher = the zero-shot model (or ``--ref-model``, or a WiSE blend with ``--ref-wise``); reference images
     from ``--ref-dataset``; sentences from ``--ref-sentences``."""
 
     name = "ZSCL"
+    summary = "distillation from the zero-shot model on reference images and sentences"
+    flag_group = ("ZSCL reference data", "The teacher and the reference images and sentences of ZSCL.")
+    requires = {"ref_wise_alpha": "ref_wise"}
 
-    def __init__(self, config):
-        super().__init__(config)
-        # Refuse a bad spec now, not at the first task's start (after the zero-shot row and a latest.pth were
-        # written, which made the corrected command a "different settings" refusal).
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--ref-dataset", default="ImageNet",
+                 help="Reference images: any registered dataset (ImageNet, ImageNetSubset:N, ...) or ToyCaptions.")
+        add_flag(group, "--ref-sentences", default="conceptual_captions",
+                 help="Reference sentences: conceptual_captions, random (10-token random sequences), ToyCaptions, "
+                      "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
+        add_flag(group, "--ref-model", default=None, path=True,
+                 help="Teacher weights (a file or model name) instead of the zero-shot model.")
+        add_flag(group, "--ref-wise", action="store_true",
+                 help="Teacher = alpha * current + (1 - alpha) * zero-shot weights, rebuilt at each task start.")
+        add_flag(group, "--ref-wise-alpha", type=unit_interval, default=0.8, help="alpha of --ref-wise.")
+
+    @classmethod
+    def check_config(cls, config) -> None:
         check_sentence_spec(config.ref_sentences)
 
     def make_teacher(self, run, task):
@@ -236,11 +284,9 @@ def resolve_sentences(config, run, task) -> list[str] | torch.Tensor:
                     f"dataset:NAME[,NAME]")
 
 
-class LwF(ReferenceDistillation):
+class _PreviousModelDistillation(ReferenceDistillation):
     """Teacher = the model at the end of the previous task (zero-shot for the first); reference images = the
-    current task's training images; sentences = the current task's class prompts."""
-
-    name = "lwf"
+    current task's training images."""
 
     def make_teacher(self, run, task):
         return frozen_copy(run.model)
@@ -248,14 +294,33 @@ class LwF(ReferenceDistillation):
     def reference_images(self, run, task):
         return task.data.raw("train")
 
+
+@register
+class LwF(_PreviousModelDistillation):
+    """LwF: sentences = the current task's class prompts (the first template of each class, as the original ZSCL
+    code; ``--lwf-sentences all-templates`` for every template)."""
+
+    name = "lwf"
+    summary = "distillation from the previous task's model on the current images, over its class prompts"
+    flag_group = ("LwF", "Learning without Forgetting.")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--lwf-sentences", default="first-template", choices=["first-template", "all-templates"],
+                 help="LwF's sentences: the first template of each class of the current task (the original's) or "
+                      "every template of each class.")
+
     def reference_sentences(self, run, task):
-        return [t.format(c) for c in task.data.classnames for t in task.data.templates]
+        templates = task.data.templates[:1] if self.config.lwf_sentences == "first-template" else task.data.templates
+        return [t.format(c) for c in task.data.classnames for t in templates]
 
 
-class LwFVR(LwF):
+@register
+class LwFVR(_PreviousModelDistillation):
     """LwF with random-token sentences (LwF-VR)."""
 
     name = "lwf-vr"
+    summary = "LwF with random-token sentences"
 
     def reference_sentences(self, run, task):
         return random_token_sentences(self.config.ref_sentences_count, seed=self.config.seed)

@@ -16,6 +16,7 @@ import torch
 from clip import clip as clip_api
 from clip.model import CLIP
 
+from mtil.hardware import resolve_device  # noqa: F401 - re-exported: callers load a model on a device
 from mtil.errors import UserError
 from mtil.models.architectures import (
     ALL_ARCHITECTURES,
@@ -33,17 +34,6 @@ class LoadedModel:
     arch: Architecture
     source: str
     checkpoint: dict[str, Any] = field(default_factory=dict)  # the rest of an mtil checkpoint, if one was loaded
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
 
 
 def build_clip(arch: Architecture, seed: int | None = None) -> CLIP:

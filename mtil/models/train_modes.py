@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from clip.model import CLIP
 
 from mtil.errors import UserError
-from mtil.models.text import tokenize, zeroshot_head
+from mtil.models.heads import LinearHead
+from mtil.models.text import tokenize
 
 TRAIN_MODES = ("whole", "image", "text", "image-fc", "image-fc-fixed", "fc")
 LINEAR_HEAD_MODES = ("image-fc", "image-fc-fixed", "fc")
@@ -41,23 +42,34 @@ def trains_text(mode: str) -> bool:
     return mode in ("whole", "text")
 
 
-def select_trainable(model: CLIP, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
-    """Set ``requires_grad`` per the mode (and ``--freeze`` patterns); returns the trainable parameter names."""
-    if mode not in TRAIN_MODES:
-        raise UserError(f"--train-mode {mode!r} is not a train mode; accepted: {', '.join(TRAIN_MODES)}")
-    patterns = list(freeze or [])
+def check_freeze_patterns(model: nn.Module, patterns: Sequence[str] | None) -> None:
+    """Every ``--freeze`` pattern must match a parameter of the model (a typo would freeze nothing)."""
     names = [n for n, _ in model.named_parameters()]
-    for pattern in patterns:
+    for pattern in patterns or []:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise UserError(f"--freeze pattern {pattern!r} matches no parameter (e.g. {names[1]}, {names[-2]})")
-    trainable = []
+
+
+def wanted_by_mode(name: str, mode: str, freeze: Sequence[str] | None = None) -> bool:
+    """Whether parameter ``name`` trains in ``mode`` with the ``--freeze`` patterns."""
+    wanted = (trains_image(mode) and is_image_param(name)) or (trains_text(mode) and is_text_param(name))
+    return wanted and not any(fnmatch.fnmatchcase(name, p) for p in freeze or [])
+
+
+def trainable_names(model: nn.Module, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
+    """The CLIP parameters ``mode`` trains (without changing the model)."""
+    if mode not in TRAIN_MODES:
+        raise UserError(f"--train-mode {mode!r} is not a train mode; accepted: {', '.join(TRAIN_MODES)}")
+    check_freeze_patterns(model, freeze)
+    return [n for n, _ in model.named_parameters() if wanted_by_mode(n, mode, freeze)]
+
+
+def select_trainable(model: CLIP, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
+    """Set ``requires_grad`` per the mode (and ``--freeze`` patterns); returns the trainable parameter names."""
+    trainable = set(trainable_names(model, mode, freeze))
     for name, param in model.named_parameters():
-        wanted = (trains_image(mode) and is_image_param(name)) or (trains_text(mode) and is_text_param(name))
-        wanted = wanted and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
-        param.requires_grad_(wanted)
-        if wanted:
-            trainable.append(name)
-    return trainable
+        param.requires_grad_(name in trainable)
+    return [n for n, _ in model.named_parameters() if n in trainable]
 
 
 def image_features(model: CLIP, images: torch.Tensor, with_grad: bool) -> torch.Tensor:
@@ -91,25 +103,6 @@ class PromptClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = image_features(self.model, images, with_grad=trains_image(self.mode))
         return self.model.logit_scale.exp().detach() * feats @ self.text_features().T
-
-
-class LinearHead(nn.Module):
-    """A linear classifier on normalised image features, initialised from the zero-shot head times s."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
-
-    @classmethod
-    def from_zeroshot(cls, model: CLIP, classnames: Sequence[str], templates: Sequence[str]) -> "LinearHead":
-        head = zeroshot_head(model, classnames, templates)  # D x C, normalised columns
-        return cls(model.logit_scale.exp().detach().cpu() * head.T.cpu()).to(head.device)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
 
 
 class LinearHeadClassifier(nn.Module):

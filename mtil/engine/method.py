@@ -1,0 +1,138 @@
+"""The one small interface every training method and every component implements.
+
+A *method* (``--method NAME``) computes the task's main loss; a *component* (L2, weight ensembling, EMA, WiSE
+merge, LoRA, OGD) adds to any method when its flags ask for it. Both are subclasses of :class:`Method` in one file
+of ``mtil/methods/``, registered with :func:`mtil.registry.register`; each declares
+
+* its flags (:meth:`add_arguments`, added to the parser in its own argument group ``flag_group``),
+* where it works: ``train_modes``; for a method, ``works_with`` (the components it combines with, ``None`` for
+  all); for a component, ``conflicts`` (other components it cannot run with, and why),
+* ``supports_distributed`` (whether it may run in several processes) and ``training_free`` (a task of zero steps),
+* its place in the hook order: ``order`` (the method is always first), ``hook_order`` for a hook that must run
+  elsewhere (LoRA injects early and merges late).
+
+Hooks, in the order the engine calls them: ``check_config`` (flags alone), ``check_inputs`` (files it needs) and
+``check_model`` (the built model) before anything is written or evaluated; then ``before_task`` once per task, per
+step ``loss`` (named terms, summed by the loop), ``after_backward`` (e.g. gradient projection), ``after_step``
+(e.g. weight averaging), and ``after_task``. ``state_dict``/``load_state_dict`` carry everything a resume needs; on
+a resume mid-task ``load_state_dict`` is called *after* ``before_task``, so it overrides what ``before_task``
+rebuilt. ``optimizer`` and ``parameter_groups`` (the method's only) decide how its parameters are updated.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from mtil.models.train_modes import TRAIN_MODES
+
+if TYPE_CHECKING:  # only for type hints
+    from mtil.engine.run import Run, TaskContext
+
+HOOKS = ("before_task", "loss", "after_backward", "after_step", "after_task")
+
+
+class Method:
+    """Base class: a method or component overrides the declarations and hooks it needs; the defaults do nothing."""
+
+    name: ClassVar[str] = "method"
+    kind: ClassVar[str] = "method"  # or "component"
+    summary: ClassVar[str] = ""  # one line for --help and the README
+    enable_flag: ClassVar[str] = ""  # components: the flag that turns it on (for messages)
+    flag_group: ClassVar[tuple[str, str] | None] = None  # (title, description) of this class's own flags
+    train_modes: ClassVar[tuple[str, ...]] = TRAIN_MODES
+    train_modes_note: ClassVar[str] = ""  # why the other modes are refused (for the message)
+    works_with: ClassVar[tuple[str, ...] | None] = None  # methods: components it combines with (None: all)
+    conflicts: ClassVar[dict[str, str]] = {}  # components: other component -> why they cannot run together
+    requires: ClassVar[dict[str, str]] = {}  # own flag (dest) -> the flag (dest) it refines, which must be on
+    order: ClassVar[float] = 0.0  # position in every hook (methods run first; components sort by this)
+    hook_order: ClassVar[dict[str, float]] = {}  # hook -> position, where it differs from ``order``
+    supports_distributed: ClassVar[bool] = False  # may run in several processes (torchrun / srun)
+    training_free: ClassVar[bool] = False  # tasks have zero steps: no optimiser, no --iterations
+    trains_logit_scale: ClassVar[bool] = False
+    needs_classification_data: ClassVar[bool] = True
+
+    def __init__(self, config: argparse.Namespace):
+        self.config = config
+
+    # ------------------------------------------------------------------ declarations (class level)
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this class's own flags to ``group`` (use :func:`mtil.args.add_flag`)."""
+
+    @classmethod
+    def enabled(cls, config: argparse.Namespace) -> bool:
+        """Components: whether the flags ask for this component. Methods: whether ``--method`` names it."""
+        return config.method == cls.name if cls.kind == "method" else False
+
+    @classmethod
+    def check_config(cls, config: argparse.Namespace) -> None:
+        """Refuse flag combinations of this class's own flags (a UserError); called only when it is active."""
+
+    @classmethod
+    def position(cls, hook: str) -> float:
+        return -1.0 if cls.kind == "method" else cls.hook_order.get(hook, cls.order)
+
+    # ------------------------------------------------------------------ checks before anything is written
+    def check_inputs(self) -> None:
+        """Refuse missing reference data now (a UserError), before anything is evaluated or written."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse settings that do not fit the built model (a UserError), before anything is written."""
+
+    # ------------------------------------------------------------------ training
+    def train_items(self, run: "Run", task: "TaskContext") -> tuple[Dataset, Callable | None, Callable | None]:
+        """(raw dataset, per-item transform, collate_fn) for this task's training stream (the method's)."""
+        from mtil.models.transforms import train_transform
+
+        return task.data.raw("train"), train_transform(run.model.visual.input_resolution), None
+
+    def extra_modules(self, run: "Run", task: "TaskContext") -> list[nn.Module]:
+        """Modules outside CLIP whose trainable parameters the optimiser also updates (e.g. a linear head)."""
+        return []
+
+    def parameter_groups(self, run: "Run", task: "TaskContext",
+                         groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The method's say over the optimiser's parameter groups (default: the engine's groups, unchanged)."""
+        return groups
+
+    def optimizer(self, run: "Run", task: "TaskContext",
+                  groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+        """The method's own optimiser over ``groups``, or None for the engine's (``--optimizer``)."""
+        return None
+
+    def before_task(self, run: "Run", task: "TaskContext") -> None:
+        pass
+
+    def loss(self, run: "Run", batch: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_backward(self, run: "Run") -> None:
+        pass
+
+    def after_step(self, run: "Run") -> None:
+        pass
+
+    def after_task(self, run: "Run", task: "TaskContext") -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def ordered(components: "list[Method]", hook: str) -> "list[Method]":
+    """``components`` in the order ``hook`` runs them (stable: equal positions keep their order)."""
+    return sorted(components, key=lambda c: type(c).position(hook))
+
+
+class Component(Method):
+    """A component: adds to any method when ``enabled(config)``; sorted by ``order`` in every hook."""
+
+    kind = "component"
+    order = 50.0

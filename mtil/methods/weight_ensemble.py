@@ -1,0 +1,76 @@
+"""``--we``: weight ensembling (ZSCL). Every ``--avg-freq`` steps ``theta_we <- (n theta_we + theta) / (n + 1)``,
+starting from the task-start weights; at the task's end the model becomes ``theta_we`` (``--we-wise``:
+``alpha theta_we + (1 - alpha) theta_start``, applied once). The running average is part of the resumable state,
+so a preempted run continues the same average from the *training* weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mtil.args import add_flag, positive_int, unit_interval
+from mtil.engine.method import Component
+from mtil.engine.weights import clone, interpolate, load_into, to_cpu, to_device, trainable_parameters
+from mtil.errors import UserError
+from mtil.registry import register
+
+
+@register
+class WeightEnsemble(Component):
+    name = "we"
+    summary = "weight ensembling"
+    enable_flag = "--we"
+    flag_group = ("Weight ensembling (WE)", "Average the weights along each task's trajectory (ZSCL's WE).")
+    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    conflicts = {"ema": "both average the weights: choose one"}
+    requires = {"we_wise_alpha": "we_wise"}
+    order = 30.0
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--we", action="store_true",
+                 help="Weight ensembling: average the weights every --avg-freq steps; the task's result is the "
+                      "average.")
+        add_flag(group, "--avg-freq", type=positive_int, default=100, help="Steps between weight-ensembling updates.")
+        add_flag(group, "--we-wise", action="store_true",
+                 help="With --we: the result is alpha * average + (1 - alpha) * task-start weights.")
+        add_flag(group, "--we-wise-alpha", type=unit_interval, default=0.98, help="alpha of --we-wise.")
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return bool(config.we)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.start: dict[str, torch.Tensor] | None = None
+        self.average: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def before_task(self, run, task) -> None:
+        self.start = clone(trainable_parameters(run.model))
+        self.average = clone(self.start)
+        self.count = 1
+
+    @torch.no_grad()
+    def after_step(self, run) -> None:
+        if run.state.step % self.config.avg_freq != 0:
+            return
+        params = trainable_parameters(run.model)
+        for name, avg in self.average.items():
+            avg.mul_(self.count / (self.count + 1)).add_(params[name].detach(), alpha=1 / (self.count + 1))
+        self.count += 1
+
+    def after_task(self, run, task) -> None:
+        final = self.average
+        if self.config.we_wise:
+            final = interpolate(self.average, self.start, self.config.we_wise_alpha)
+        load_into(run.model, final)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": to_cpu(self.start), "average": to_cpu(self.average), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("average") is not None and self.average is not None:
+            device = next(iter(self.average.values())).device
+            self.start, self.average = to_device(state["start"], device), to_device(state["average"], device)
+            self.count = int(state["count"])

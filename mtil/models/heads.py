@@ -1,0 +1,111 @@
+"""Classification heads: what turns normalised image features into class logits, for one dataset.
+
+A head is a small serialisable module: ``forward(features) -> logits`` and :func:`head_state` /
+:func:`head_from_state` for checkpoints (plain tensors and values, read with ``weights_only=True``). Training,
+resume, ``--eval-only`` and evaluation all go through this protocol, so a head learned in training is the one
+used wherever its dataset is evaluated. Kinds register by name with :func:`register_head`; a new kind (e.g. a
+Tip-Adapter cache head) is one class.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+HEAD_KINDS: dict[str, type["Head"]] = {}
+
+
+def register_head(cls: type["Head"]) -> type["Head"]:
+    HEAD_KINDS[cls.kind] = cls
+    return cls
+
+
+class Head(nn.Module):
+    kind: ClassVar[str] = "head"
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the head needs to be rebuilt (its state dict by default)."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Head":  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@register_head
+class ZeroShotHead(Head):
+    """CLIP's zero-shot classifier: logits ``f_I(x) . W`` with ``W`` the D x C template-ensemble text features
+    (the logit scale is left out: it changes no ranking)."""
+
+    kind = "zeroshot"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().contiguous())
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight
+
+    @classmethod
+    def from_tensors(cls, tensors):
+        return cls(tensors["weight"])
+
+
+@register_head
+class LinearHead(Head):
+    """A linear classifier on normalised image features, initialised from the zero-shot head times s."""
+
+    kind = "linear"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+
+    @classmethod
+    def from_zeroshot(cls, model, classnames: Sequence[str], templates: Sequence[str]) -> "LinearHead":
+        from mtil.models.text import zeroshot_head
+
+        head = zeroshot_head(model, classnames, templates)  # D x C, normalised columns
+        return cls(model.logit_scale.exp().detach().cpu() * head.T.cpu()).to(head.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    @classmethod
+    def from_tensors(cls, tensors):
+        return cls(tensors["linear.weight"], tensors["linear.bias"])
+
+
+def head_state(head: Head) -> dict[str, Any]:
+    """A checkpoint entry: ``{"kind": ..., "tensors": {...}}``."""
+    return {"kind": head.kind, "tensors": head.tensors()}
+
+
+def head_from_state(state: dict[str, Any]) -> Head:
+    """The inverse of :func:`head_state`; also reads the bare ``{"linear.weight", "linear.bias"}`` entries of
+    checkpoints written before heads had kinds."""
+    if "kind" not in state and "linear.weight" in state:
+        state = {"kind": "linear", "tensors": state}
+    kind = state.get("kind")
+    if kind not in HEAD_KINDS or not isinstance(state.get("tensors"), dict):
+        raise ValueError(f"unknown head kind {kind!r} (known: {', '.join(HEAD_KINDS)})")
+    return HEAD_KINDS[kind].from_tensors(state["tensors"])
