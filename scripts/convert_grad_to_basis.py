@@ -20,7 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtil.errors import UserError  # noqa: E402
-from mtil.methods.ogd import RAW_FORMAT, load_basis, merge_bases, orthonormal_basis, save_basis  # noqa: E402
+from mtil.methods.ogd import (  # noqa: E402
+    BASIS_FORMAT,
+    RAW_FORMAT,
+    load_basis,
+    merge_bases,
+    orthonormal_basis,
+    save_basis,
+)
 
 
 def read_gradients(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -44,10 +51,29 @@ def read_gradients(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     return gradients, tasks
 
 
+def _is_basis_file(path: Path) -> bool:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and payload.get("format") == BASIS_FORMAT
+
+
 def convert(input_path: Path, output_path: Path, energy: float, previous: Path | None = None) -> dict[str, int]:
-    """Write the basis; returns the number of directions kept per parameter."""
-    gradients, tasks = read_gradients(input_path)
+    """Write the basis; returns the number of directions kept per parameter.
+
+    An input that already is a basis (the ``grad_<Dataset>.pth`` mtil writes; the original tool wrote raw
+    gradients under that name) is taken as it is: re-selecting directions by energy would drop some of its
+    equally weighted orthonormal rows."""
     basis, old_tasks = load_basis(previous) if previous is not None else ({}, [])
+    if _is_basis_file(input_path):
+        rows, tasks = load_basis(input_path)
+        print(f"{input_path} is already a basis (mtil writes grad_<Dataset>.pth as one): kept as it is")
+        for name, value in rows.items():
+            basis[name] = value if name not in basis else merge_bases(basis[name], value)
+        save_basis(output_path, basis, old_tasks + [t for t in tasks if t not in old_tasks], energy)
+        return {n: b.shape[0] for n, b in basis.items()}
+    gradients, tasks = read_gradients(input_path)
     for name, snapshots in gradients.items():
         if name in basis and basis[name].shape[1] != snapshots.shape[1]:
             raise UserError(f"{name}: {snapshots.shape[1]} gradient elements but the previous basis has "

@@ -1,8 +1,10 @@
 """The one training loop: named loss terms from every component, then the hooks, for exactly N steps."""
 from __future__ import annotations
 
+import re
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -83,6 +85,8 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
     run.model.train()
     progress = Progress(run, task, config.log_every)
     optimizer, scaler = task.optimizer, task.scaler
+    if scaler is not None:  # fp16: a step whose gradients overflowed is skipped by design, not a misuse
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     try:
         for batch in loader:
             losses: dict[str, torch.Tensor] = {}

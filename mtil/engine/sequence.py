@@ -163,10 +163,13 @@ class SequenceRunner:
         """A chain link loads the previous link's task checkpoint from the same folder."""
         return bool(self.config.load) and Path(self.config.load).resolve().parent == self.save_dir.resolve()
 
-    def _existing_checkpoint(self) -> dict | None:
+    def _saved_latest(self) -> dict | None:
         if self.save_dir is None or not (self.save_dir / LATEST).is_file():
             return None
-        saved = load_checkpoint(self.save_dir / LATEST)
+        return load_checkpoint(self.save_dir / LATEST)
+
+    def _resumable(self, saved: dict) -> dict | None:
+        """``saved`` if this command resumes it; None if it starts the next link of a chain; else a UserError."""
         state = TrainingState.from_dict(saved["state"])
         differences = config_differences(saved.get("config", {}), self.config_record,
                                          getattr(self.config, "_defaults", {}), self.path_keys)
@@ -189,33 +192,40 @@ class SequenceRunner:
             f"its settings to resume, pass --force-resume to resume anyway, or use another --save"
         )
 
+    def _fresh(self, device: torch.device) -> Prepared:
+        config = self.config
+        loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained, load=config.load,
+                           device=device, seed=config.seed)
+        previous = chain_state(loaded.checkpoint, config)
+        completed = list(previous.get("completed", []))
+        state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
+                              global_step=int(previous.get("global_step", 0)), zero_shot_evaluated=bool(completed),
+                              base=previous.get("base") or base_spec(config, self.path_keys))
+        # a chain's --load brings the heads learned so far
+        return Prepared(loaded.model, loaded.arch, device, state, loaded.source, loaded.checkpoint.get("heads") or {})
+
     def prepare(self) -> Prepared:
-        """Every check, in order of cost; reads files, writes none. Raises UserError on the first problem
-        class (all missing data together)."""
+        """Every check, cheapest first; reads files, writes none. The settings are checked against the model
+        before a saved run is compared with this command, so a typo is reported as itself, not as "other
+        settings" of an unfinished run."""
         config = self.config
         self.check_settings()
         self.check_data()
         device = resolve_device(config.device)
-        self.resumed = self._existing_checkpoint()
-        if self.resumed is not None:
-            saved = self.resumed
+        saved = self._saved_latest()
+        if saved is not None:
             arch = Architecture.from_dict(saved["arch"])
-            model = model_from_state_dict(saved["model"], arch).to(device)
-            prepared = Prepared(model, arch, device, TrainingState.from_dict(saved["state"]),
-                                f"resumed from {self.save_dir / LATEST}", saved.get("heads", {}))
+            prepared = Prepared(model_from_state_dict(saved["model"], arch).to(device), arch, device,
+                                TrainingState.from_dict(saved["state"]), f"resumed from {self.save_dir / LATEST}",
+                                saved.get("heads", {}))
         else:
-            loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained,
-                               load=config.load, device=device, seed=config.seed)
-            previous = chain_state(loaded.checkpoint, config)
-            completed = list(previous.get("completed", []))
-            state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
-                                  global_step=int(previous.get("global_step", 0)),
-                                  zero_shot_evaluated=bool(completed),
-                                  base=previous.get("base") or base_spec(config, self.path_keys))
-            # a chain's --load brings the heads learned so far
-            prepared = Prepared(loaded.model, loaded.arch, device, state, loaded.source,
-                                loaded.checkpoint.get("heads") or {})
+            prepared = self._fresh(device)
         self.check_model(prepared.model)
+        if saved is not None:
+            self.resumed = self._resumable(saved)
+            if self.resumed is None:  # the next link of a chain starts from its --load
+                prepared = self._fresh(device)
+                self.check_model(prepared.model)
         return prepared
 
     def build(self) -> Run:

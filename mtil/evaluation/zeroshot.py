@@ -28,16 +28,14 @@ class EvalResult:
     head: str = "zeroshot"  # the kind of head that classified (a learned head replaces zero-shot's)
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype | None = torch.float16):
-    """Autocast to ``dtype`` (None: exact float32). Default: half precision on GPU (as OpenAI's fp16 weights were
-    trained), float32 on CPU."""
-    if dtype is None or dtype == torch.float32:
+def autocast_for(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to ``dtype`` (float32: none). Without a dtype: half precision on GPU (as OpenAI's fp16 weights
+    were trained), exact float32 on CPU."""
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == torch.float32:
         return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and dtype != torch.float16:
-        return torch.autocast("cpu", dtype=dtype)
-    return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 class ZeroShotEvaluator:
@@ -78,8 +76,6 @@ class ZeroShotEvaluator:
         return open_dataset(name, self.data_location, self.download)
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return autocast_for(self.device)
         return autocast_for(self.device, self.autocast_dtype)
 
     def zeroshot_head(self, name: str) -> ZeroShotHead:
