@@ -1,9 +1,12 @@
 """Benchmark training: seconds per iteration and peak memory for a method, model, batch size and device.
 
-Runs the real method code (its loss, backward, AdamW step and hooks) on in-memory random images at the model's
-resolution, so the figure is the training step itself, not data loading:
+Runs the real method code (the method and every component its flags turn on, their losses, backward, the
+optimiser step and the hooks in their declared order, under ``--precision``) on in-memory random images at the
+model's resolution, so the figure is the training step itself, not data loading:
 
     python scripts/bench_train.py --method finetune --model ViT-B/16 --batch-size 32 --device auto
+    python scripts/bench_train.py --method ZSCL --model tiny-vit -- --ref-dataset ToyCaptions \
+        --ref-sentences ToyCaptions --precision bf16 --l2 1
 """
 from __future__ import annotations
 
@@ -16,15 +19,19 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from mtil.args import build_parser
+from mtil import registry
+from mtil.args import parse_args
 from mtil.datasets.base import TaskData
+from mtil.engine.method import ordered
+from mtil.engine.optim import build_optimizer, parameter_groups
+from mtil.engine.precision import grad_scaler, resolve_precision
 from mtil.engine.run import Run, TaskContext
 from mtil.engine.state import TrainingState
 from mtil.engine.tasks import TaskSpec, task_settings
+from mtil.errors import UserError
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
-from mtil.methods import build_method
 from mtil.models.clip_loading import load_clip, resolve_device
-from mtil.models.train_modes import parameters_of, select_trainable
+from mtil.models.train_modes import select_trainable
 
 
 def _sync(device: torch.device) -> None:
@@ -44,8 +51,13 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="further mtil flags for the method, e.g. --ls 0.2")
     args = parser.parse_args()
 
-    config = build_parser().parse_args(["--method", args.method, "--train-mode", args.train_mode,
-                                        "--batch-size", str(args.batch_size), "--workers", "0", *args.extra])
+    total = args.steps + 2
+    try:  # the flags through mtil's own checks (a method's flags, combinations, ranges)
+        config = parse_args(["--method", args.method, "--train-mode", args.train_mode, "--train-dataset", "bench",
+                             "--iterations", str(total), "--batch-size", str(args.batch_size), "--workers", "0",
+                             *args.extra])
+    except UserError as exc:
+        raise SystemExit(f"bench_train: error: {exc}") from None
     device = resolve_device(args.device)
     loaded = load_clip(args.model, untrained=True, device=device, seed=0)
     model = loaded.model
@@ -55,28 +67,52 @@ def main() -> None:
     data = TaskData("bench", [f"class {i}" for i in range(args.classes)], ["a photo of a {}."],
                     {"train": lambda: TensorDataset(images, labels), "test": lambda: TensorDataset(images, labels)})
     evaluator = ZeroShotEvaluator(model)
+    precision = resolve_precision(config.precision, device)
     run = Run(config, model, loaded.arch, device, TrainingState(sequence=["bench"]), evaluator, None,
-              logging.getLogger("bench"))
-    method = build_method(config)
-    total = args.steps + 2
-    task = TaskContext("bench", task_settings(config, TaskSpec("bench", {"iterations": total})), data,
-                       total_steps=total)
+              logging.getLogger("bench"), precision=precision)
+    components = registry.build_components(config)
+    for component in components:
+        component.check_inputs()
+        component.check_model(model)
+    settings = task_settings(config, TaskSpec("bench", {"iterations": total}))
+    task = TaskContext("bench", settings, data, total_steps=total)
     run.task = task
     select_trainable(model, config.train_mode, config.freeze)
-    method.before_task(run, task)
-    params = parameters_of([model, *method.extra_modules(run, task)])
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if components[0].trains_logit_scale:
+        model.logit_scale.requires_grad_(True)
+    for component in ordered(components, "before_task"):
+        component.before_task(run, task)
+    extra = [m for c in components for m in c.extra_modules(run, task)]
+    groups = components[0].parameter_groups(run, task, parameter_groups(model, extra, settings.lr,
+                                                                        config.lr_multipliers))
+    optimizer = components[0].optimizer(run, task, groups) or build_optimizer(config.optimizer, groups, settings,
+                                                                                config.momentum)
+    scaler = grad_scaler(precision, device)
+    hooks = {h: ordered(components, h) for h in ("loss", "after_backward", "after_step")}
     batch = (images.to(device), labels.to(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
-        losses = method.loss(run, batch)
+        with run.autocast():
+            losses = {k: v for c in hooks["loss"] for k, v in c.loss(run, batch).items()}
+        total_loss = sum(v.float() for v in losses.values())
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        method.after_backward(run)
-        optimizer.step()
-        method.after_step(run)
+        if scaler is None:
+            total_loss.backward()
+        else:
+            scaler.scale(total_loss).backward()
+            scaler.unscale_(optimizer)
+        for component in hooks["after_backward"]:
+            component.after_backward(run)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        run.state.step += 1
+        for component in hooks["after_step"]:
+            component.after_step(run)
 
     times = []
     for i in range(total):
@@ -87,7 +123,8 @@ def main() -> None:
         if i >= 2:
             times.append(time.perf_counter() - start)
     per_step = statistics.median(times)
-    print(f"method={args.method} model={args.model} mode={args.train_mode} batch={args.batch_size} device={device}")
+    print(f"method={args.method} ({', '.join(c.name for c in components)}) model={args.model} mode={args.train_mode} "
+          f"batch={args.batch_size} device={device} precision={precision} threads={torch.get_num_threads()}")
     print(f"seconds per iteration: {per_step:.4f} (median of {args.steps}); {args.batch_size / per_step:.1f} images/s")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

@@ -6,7 +6,7 @@
 # Recipe (ZSCL paper, MTIL, ViT-B/16): 1000 iterations per task, batch 64, AdamW, weight decay 0, label smoothing
 # 0.2, 100 warm-up steps then cosine to 0. The per-task learning rates (5e-5 for Aircraft and MNIST, 1e-5 for the
 # others) come from mtil/sequences/mtil_order_1.yaml / mtil_order_2.yaml, which --train-dataset MTIL-I / MTIL-II
-# read; they override --lr for every task.
+# read. So no --lr here: a --lr given as an extra flag would replace them for every task (the run says so).
 #
 # Environment: PYTHON (default .venv/bin/python), DRY_RUN=1 (print the command, run nothing).
 # Runs from the repository root; results go to ckpt/paper/<name>_<order>/ (summary.csv holds Transfer/Avg/Last).
