@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from mtil import registry
 from mtil.args import parse_args
 from mtil.datasets.base import TaskData
+from mtil.engine.loop import optimization_step
 from mtil.engine.method import ordered
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import grad_scaler, resolve_precision
@@ -94,22 +95,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
-        with run.autocast():
-            losses = {k: v for c in hooks["loss"] for k, v in c.loss(run, batch).items()}
-        total_loss = sum(v.float() for v in losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            total_loss.backward()
-        else:
-            scaler.scale(total_loss).backward()
-            scaler.unscale_(optimizer)
-        for component in hooks["after_backward"]:
-            component.after_backward(run)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
+        optimization_step(run, hooks, optimizer, scaler, batch)
         run.state.step += 1
         for component in hooks["after_step"]:
             component.after_step(run)

@@ -64,6 +64,35 @@ class Progress:
         self.bar.close()
 
 
+def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None, batch) -> dict[str, torch.Tensor]:
+    """One step: every component's named loss terms (under ``--precision`` autocast), their float32 sum, backward
+    (scaled for fp16, the gradients unscaled before the hooks see them), ``after_backward`` hooks, the optimiser
+    step. Returns the loss terms. ``hooks``: hook name -> the components in that hook's order."""
+    losses: dict[str, torch.Tensor] = {}
+    with run.autocast():
+        for component in hooks["loss"]:
+            for name, value in component.loss(run, batch).items():
+                if name in losses:
+                    raise RuntimeError(f"two components both return a loss named {name!r}")
+                losses[name] = value
+    total = sum(value.float() for value in losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        total.backward()
+    else:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)  # hooks (e.g. OGD's projection) see the true gradients
+    for component in hooks["after_backward"]:
+        component.after_backward(run)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return losses
+
+
 def train_steps(run: Run, task: TaskContext, components: Sequence[Method], stream_id: int, *,
                 stop: StopFlag, save_latest: Callable[[], None],
                 evaluate_mid_task: Callable[[], None] | None = None) -> None:
@@ -89,27 +118,7 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     try:
         for batch in loader:
-            losses: dict[str, torch.Tensor] = {}
-            with run.autocast():
-                for component in hooks["loss"]:
-                    for name, value in component.loss(run, batch).items():
-                        if name in losses:
-                            raise RuntimeError(f"two components both return a loss named {name!r}")
-                        losses[name] = value
-            total = sum(value.float() for value in losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                total.backward()
-            else:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)  # hooks (e.g. OGD's projection) see the true gradients
-            for component in hooks["after_backward"]:
-                component.after_backward(run)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
+            losses = optimization_step(run, hooks, optimizer, scaler, batch)
             task.scheduler.step()
             state.step += 1
             state.global_step += 1

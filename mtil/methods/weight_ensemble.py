@@ -11,7 +11,6 @@ import torch
 from mtil.args import add_flag, positive_int, unit_interval
 from mtil.engine.method import Component
 from mtil.engine.weights import clone, interpolate, load_into, to_cpu, to_device, trainable_parameters
-from mtil.errors import UserError
 from mtil.registry import register
 
 
