@@ -42,6 +42,22 @@ def _spellings(flag: str) -> list[str]:
     return variants
 
 
+class Switch(argparse.Action):
+    """An on/off flag: ``--we`` turns it on, ``--no-we`` (or ``--no_we``) off, so the command line can switch off
+    what a ``--config`` file switched on."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        names = list(option_strings)
+        for option in option_strings:
+            body = option[2:]
+            names += [n for n in ("--no-" + body.replace("_", "-"), "--no_" + body.replace("-", "_"))
+                      if n not in names]
+        super().__init__(names, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
+
+
 def add_flag(group, flag: str, *extra: str, path: bool = False, **kwargs) -> argparse.Action:
     """Add a flag under both spellings; ``path=True`` marks a file or folder (compared as resolved paths on
     resume). Method files use this for their own flags."""
@@ -49,6 +65,8 @@ def add_flag(group, flag: str, *extra: str, path: bool = False, **kwargs) -> arg
     for f in (flag, *extra):
         names += [n for n in _spellings(f) if n not in names]
     kwargs.setdefault("dest", flag[2:].replace("-", "_"))
+    if kwargs.get("action") == "store_true":  # --flag / --no-flag: the command line can switch off a file's "true"
+        kwargs["action"] = Switch
     action = group.add_argument(*names, **kwargs)
     action.is_path = path
     return action
@@ -72,6 +90,7 @@ def _checked(convert, accept, requirement: str, name: str):
 
 positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "positive_int")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer of 0 or more", "non_negative_int")
+INTEGER_TYPES = (int, positive_int, non_negative_int)
 positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive_float")
 non_negative_float = _checked(float, lambda v: v >= 0, "a number of 0 or more", "non_negative_float")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
@@ -122,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mtil.main",
         description="Continual learning and adaptation of CLIP models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a prefix such as --conf would be a silent alias today and ambiguous tomorrow
     )
 
     g = parser.add_argument_group("Model", "Which CLIP to use and where its weights are.")
@@ -137,13 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
              help="Weights to start from: an mtil checkpoint, an OpenAI CLIP file, or an original ZSCL "
                   "checkpoint ({'state_dict': ...}, with or without a 'module.' prefix).")
 
-    g = parser.add_argument_group("Hardware", "Where and how fast it runs (never changes what a run computes, "
-                                              "except --precision).")
+    g = parser.add_argument_group("Hardware", "Where and how fast it runs. --device and --threads never change "
+                                              "what a run computes; --precision does.")
     add_flag(g, "--device", default="auto",
              help="auto (CUDA when available, else CPU, with a warning), cpu, cuda or cuda:N.")
     add_flag(g, "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
              help="Arithmetic of the forward passes (autocast; fp16 adds a gradient scaler). auto: bf16 on a GPU "
-                  "that supports it, else fp32 (always fp32 on CPU). Weights, losses and weight averages stay fp32.")
+                  "that supports it, else fp32 (always fp32 on CPU); a run records the resolved one. Weights, "
+                  "losses and weight averages stay fp32.")
     add_flag(g, "--threads", type=positive_int, default=None,
              help="CPU threads of torch (default: the CPUs this process may use, capped by SLURM_CPUS_PER_TASK; "
                   "OMP_NUM_THREADS, when set, is respected).")
@@ -248,8 +269,9 @@ def _config_path(argv: list[str]) -> str | None:
     return path
 
 
-def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """A ``--config`` YAML file as command-line tokens (so the flags' own checks apply to its values)."""
+def config_file_tokens(path: str, parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> list[str]:
+    """A ``--config`` YAML file as command-line tokens (so the flags' own checks apply to its values), leaving out
+    the settings in ``skip`` (those the command line decides)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--config {path}: no such file")
@@ -264,6 +286,7 @@ def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
                         f"found {type(document).__name__}")
     by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     tokens: list[str] = []
+    skip = set(skip)
     for key, value in document.items():
         dest = str(key).lstrip("-").replace("-", "_")
         action = by_dest.get(dest)
@@ -272,13 +295,12 @@ def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
             raise UserError(f"--config {path}: unknown setting {key!r}"
                             + (f" (did you mean {close[0]}?)" if close else "") + "; settings are flag names")
         flag = action.option_strings[0]
-        if value is None:
+        if value is None or dest in skip:
             continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(action, Switch):
             if not isinstance(value, bool):
                 raise UserError(f"--config {path}: {key} takes true or false, got {value!r}")
-            if value != action.default:
-                tokens.append(flag)
+            tokens.append(flag if value else "--no-" + flag[2:])
             continue
         if isinstance(value, bool):
             raise UserError(f"--config {path}: {key} takes a value, got {value!r}")
@@ -286,8 +308,14 @@ def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
             value = ",".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
-        tokens += [flag, str(value)]
+        elif isinstance(value, float) and value.is_integer() and action.type in INTEGER_TYPES:
+            value = int(value)  # YAML's 4.0 for an integer flag
+        tokens.append(f"{flag}={value}")  # one token: a value starting with '-' is not taken for a flag
     return tokens
+
+
+# Settings of which only one may be given: the command line's choice replaces the file's other one.
+EITHER_OR = ({"iterations", "epochs"}, {"train_dataset", "sequence"})
 
 
 def _given(parser: argparse.ArgumentParser, tokens: list[str]) -> set[str]:
@@ -304,16 +332,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     others. Raises UserError (one line) on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    cli = _given(parser, argv)
     path = _config_path(argv)
     file_tokens: list[str] = []
     if path is not None:
-        file_tokens = config_file_tokens(path, parser)
+        decided = set(cli) | {d for pair in EITHER_OR if pair & cli for d in pair}
+        file_tokens = config_file_tokens(path, parser, skip=decided)
         try:
             parser.parse_args(file_tokens)
         except UserError as exc:
             raise UserError(f"--config {path}: {exc}") from None
     args = parser.parse_args(file_tokens + argv)
-    cli = _given(parser, argv)
     args._cli = sorted(cli)
     args._file = sorted(_given(parser, file_tokens) - cli) if file_tokens else []
     args._defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
@@ -338,49 +367,69 @@ def _changed(args: argparse.Namespace, dest: str) -> bool:
     return getattr(args, dest) != args._defaults.get(dest)
 
 
+# Evaluation flags that --eval-single (one image, printed) does not use.
+NOT_FOR_ONE_IMAGE = ("save", "eval_datasets", "max_evaluation_size", "batch_size_eval", "eval_interval")
+
+
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every check that needs no files. Refuses (UserError) what cannot work and what would do nothing; a setting
+    from --config that would do nothing is a note. Records ``_unused``: the flags no active method or component
+    reads (resume ignores their values)."""
     from mtil import registry
 
     owners: dict[str, type] = parser.flag_owners
-    cli = set(args._cli)
+    cli, from_file = set(args._cli), set(args._file)
+    notes: list[str] = []
+
+    def inert(dests, why: str) -> None:
+        """Flags of ``dests`` set away from their default do nothing here: typed, an error; from --config, a note."""
+        typed = [_flag(parser, d) for d in dests if d in cli and _changed(args, d)]
+        if typed:
+            raise UserError(f"{why}, so {', '.join(typed)} would do nothing: drop {'it' if len(typed) == 1 else 'them'}")
+        notes.extend(f"--config sets {d}, which this command does not use (ignored)" for d in dests
+                     if d in from_file and _changed(args, d))
+
     if args.iterations is not None and args.epochs is not None:
         raise UserError("--iterations and --epochs contradict each other: give one of them")
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        raise UserError(f"--save {args.save} is a file, not a folder: give a folder (it is created when missing)")
+    if args.untrained and args.load:
+        raise UserError("--untrained builds random weights and --load reads weights: give one of them")
     if args.wise_ft and not args.load:
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
     if args.alpha != args._defaults["alpha"] and not args.wise_ft:
         raise UserError("--alpha is the blend of --wise-ft: give --wise-ft too (or drop --alpha)")
     training_flags = ["train_dataset", "sequence", "method", *OPTIMISATION_FLAGS, "train_mode", *owners]
-    if args.eval_only or args.eval_single:
-        given = [_flag(parser, d) for d in training_flags if d in cli and _changed(args, d)]
-        if given:
-            mode = "--eval-only" if args.eval_only else "--eval-single"
-            raise UserError(f"{mode} evaluates without training, so {', '.join(given)} would do nothing: drop "
-                            f"{'it' if len(given) == 1 else 'them'} (or drop {mode} to train)")
+    evaluating = args.eval_only or args.eval_single
+    if evaluating:
+        mode = "--eval-single" if args.eval_single else "--eval-only"
+        inert(training_flags, f"{mode} evaluates without training (drop {mode} to train)")
+        if args.eval_single:
+            inert(NOT_FOR_ONE_IMAGE, "--eval-single classifies one image and prints the ranking")
+        args._unused = sorted(owners)
     else:
+        if args.wise_ft:
+            raise UserError("--wise-ft blends a checkpoint at evaluation: use it with --eval-only (after each task "
+                            "of a training run, --wise-merge does the blend)")
         if args.train_dataset and args.sequence:
             raise UserError("--train-dataset and --sequence both name the tasks: give one of them")
         method = registry.method_class(args.method)
         if method.training_free:
-            inert = [_flag(parser, d) for d in (*OPTIMISATION_FLAGS, "train_mode") if d in cli and _changed(args, d)]
-            if inert:
-                raise UserError(f"--method {args.method} trains nothing (its tasks have zero steps), so "
-                                f"{', '.join(inert)} would do nothing: drop {'it' if len(inert) == 1 else 'them'}")
+            inert((*OPTIMISATION_FLAGS, "train_mode", "eval_interval", "checkpoint_interval"),
+                  f"--method {args.method} trains nothing (its tasks have zero steps)")
         _check_optimizer_flags(args, cli, parser)
         registry.check_combination(args, world_size=requested_world_size())
-        notes = []
         for dest, owner in registry.inert_flags(args, owners, args._defaults):
             message = registry.inert_message(_flag(parser, dest), owner, args)
             if dest in cli:
                 raise UserError(message)
             notes.append(f"--config sets {dest}, which this run does not use (ignored): {message}")
-        if not (args.train_dataset or args.sequence):
-            given = [_flag(parser, d) for d in training_flags if d in cli and _changed(args, d)]
-            if given:
-                raise UserError(f"no --train-dataset or --sequence: nothing to train, so {', '.join(given)} would "
-                                f"do nothing; give the tasks (e.g. --train-dataset DTD or MTIL-I), or --eval-only "
-                                f"to evaluate")
-        for note in notes:
-            print(f"mtil: note: {note}", file=sys.stderr)
+        args._unused = sorted(registry.inactive_flags(args, owners))
+        if not (args.train_dataset or args.sequence) and not args.summarize:
+            inert(training_flags, "no --train-dataset or --sequence: nothing to train (give the tasks, e.g. "
+                                  "--train-dataset DTD or MTIL-I, or --eval-only to evaluate)")
+    for note in notes:
+        print(f"mtil: note: {note}", file=sys.stderr)
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
     if not is_template(args.prompt):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from mtil.args import path_flags, settings_of
@@ -12,7 +13,7 @@ from mtil.engine.precision import DTYPES, resolve_precision
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import append_result_line, write_metric_row
 from mtil.evaluation.single_image import classify_image, read_class_names, read_image
-from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.evaluation.zeroshot import ZeroShotEvaluator, autocast_for
 from mtil.hardware import announce_device, resolve_device
 from mtil.models.clip_loading import LoadedModel, load_clip
 from mtil.models.heads import head_from_state
@@ -21,7 +22,8 @@ from mtil.seeding import seed_everything
 
 def _load_model(args: argparse.Namespace) -> LoadedModel:
     return load_clip(args.model, clip_root=args.clip_root, untrained=args.untrained, load=args.load,
-                     device=resolve_device(args.device), seed=args.seed)
+                     device=resolve_device(args.device), seed=args.seed,
+                     name_given="model" in getattr(args, "_cli", ()))
 
 
 def _resolved_config(args: argparse.Namespace, loaded: LoadedModel) -> dict:
@@ -73,12 +75,15 @@ def evaluate(args: argparse.Namespace) -> int:
     evaluator.learned_heads = heads
     print(f"Evaluation of {loaded.source} on {config['device']}"
           + (f" (learned heads for {', '.join(sorted(heads))})" if heads else ""))
+    # A WiSE-FT blend is another model than the checkpoint: its rows go to their own metric files, never over the
+    # checkpoint's own rows of the same iteration (e.g. when evaluating into the training run's folder).
+    label = f"_wiseft{args.alpha:g}" if args.wise_ft else ""
     for name in names:
         result = evaluator.evaluate(name)
         print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   "
               f"({result.classes} classes, {result.count} images{', learned head' if name in heads else ''})")
         if args.save:
-            write_metric_row(args.save, name, iteration, result.top1, result.top5)
+            write_metric_row(args.save, name + label, iteration, result.top1, result.top5)
             append_result_line(args.save, {"dataset": name, "iteration": iteration, "top1": result.top1,
                                            "top5": result.top5, "images": result.count,
                                            "classes": result.classes, "head": result.head}, config)
@@ -108,8 +113,13 @@ def eval_single(args: argparse.Namespace) -> int:
     classnames = read_class_names(args.class_names)
     image = read_image(args.eval_single)
     loaded = _load_model(args)
-    announce_device(args.device, next(loaded.model.parameters()).device)
-    ranked = classify_image(loaded.model, image, classnames, args.prompt)
+    device = next(loaded.model.parameters()).device
+    announce_device(args.device, device)
+    if args.wise_ft:
+        _wise_ft(args, loaded)
+    dtype = None if args.precision == "auto" else DTYPES[resolve_precision(args.precision, device)]
+    with autocast_for(device, dtype):
+        ranked = classify_image(loaded.model, image, classnames, args.prompt)
     shown = ranked[:10]
     print(f"{args.eval_single} ({loaded.source}), prompt {args.prompt!r}:")
     for rank, (name, probability) in enumerate(shown, 1):
@@ -135,6 +145,19 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_method(results: Path) -> str | None:
+    """The method of the last after-task evaluation in a results.jsonl (what a chain's links trained with)."""
+    method = None
+    for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("after_task") is not None and record.get("method"):
+            method = str(record["method"])
+    return method
+
+
 def summarize(args: argparse.Namespace) -> int:
     """Matrix, summary and heat map from the results.jsonl a run or a chain of one-task runs left in a folder."""
     from mtil.engine.sequence import write_reports
@@ -147,7 +170,8 @@ def summarize(args: argparse.Namespace) -> int:
     long, order = matrix_from_results(results)
     if long.empty or not order:
         raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")
+    method = args.method if "method" in getattr(args, "_cli", ()) else _recorded_method(results) or args.method
     write_matrix(folder / "accuracy_matrix.csv", long, order)
-    write_reports(folder, args.method, long, order)
+    write_reports(folder, method, long, order)
     print(f"Wrote {folder}/accuracy_matrix.csv, summary.csv and accuracy_matrix.png")
     return 0

@@ -191,6 +191,12 @@ def inert_flags(config: argparse.Namespace, owners: dict[str, type], defaults: d
             if owner not in live and getattr(config, dest, None) != defaults.get(dest)]
 
 
+def inactive_flags(config: argparse.Namespace, owners: dict[str, type]) -> set[str]:
+    """Every flag whose owner is not active: its value cannot change this run."""
+    live = {klass for cls in active_classes(config) for klass in cls.__mro__}
+    return {dest for dest, owner in owners.items() if owner not in live}
+
+
 def inert_message(flag: str, owner: type, config: argparse.Namespace) -> str:
     """Why a flag does nothing in this command, and what to do."""
     if owner.kind == "component":

@@ -82,6 +82,21 @@ MISTAKES = [
     ("config-unknown-key", lambda t: _config(t, "learning_rate: 0.1\n"), ["--config", "learning_rate"]),
     ("config-bad-value", lambda t: _config(t, "beta2: 2\n"), ["--config", "--beta2"]),
     ("eval-datasets-typo", lambda t: [*BASE, "--eval-datasets", "ToyShape,ToyColour"], ["ToyColour"]),
+    ("lora-only-in-a-frozen-encoder", lambda t: [*BASE, "--lora", "--lora-target-modules",
+                                                 "visual.transformer.resblocks.0.attn", "--train-mode", "text"],
+     ["--lora-target-modules", "no adapter to train"]),
+    ("frozen-head-and-encoder", lambda t: [*BASE, "--train-mode", "image-fc-fixed", "--freeze", "visual.*"],
+     ["nothing to train"]),
+    ("repeated-dataset", lambda t: [*BASE, "--train-dataset", "ToyShape,ToyShape"], ["ToyShape", "more than once"]),
+    ("unsupported-device", lambda t: [*BASE, "--device", "meta"], ["--device", "meta"]),
+    ("abbreviated-flag", lambda t: [*BASE, "--conf", str(t / "x.yaml")], ["--conf"]),
+    ("untrained-with-load", lambda t: [*BASE, "--untrained", "--load", str(t / "x.pth")], ["--untrained", "--load"]),
+    ("wise-ft-in-training", lambda t: [*BASE, "--wise-ft", "--load", str(t / "x.pth")], ["--wise-ft", "--wise-merge"]),
+    ("drawn-sentences-under-lwf", lambda t: [*BASE, "--method", "lwf", "--ref-sentences-count", "10"],
+     ["--ref-sentences-count"]),
+    ("drawn-count-for-all-sentences", lambda t: [*BASE, "--method", "ZSCL", "--ref-sentences", "ToyCaptions",
+                                                  "--ref-dataset", "ToyCaptions", "--ref-sentences", "dataset:ToyShape",
+                                                  "--ref-sentences-count", "10"], ["--ref-sentences-count"]),
 ]
 
 
@@ -110,6 +125,14 @@ def unfinished_run(tmp_path_factory) -> Path:
         run_killed_at(patch, [*BASE, "--save", str(save)], [], 3)
     assert load(save / "latest.pth")["state"]["step"] == 2
     return save
+
+
+def test_a_save_path_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for argv in ([*BASE, "--save", str(target)], ["--model", "micro-vit", "--eval-only", "--save", str(target)]):
+        _assert_one_line_refusal(capsys, argv, ["--save", "is a file"])
+    assert target.read_text() == "mine"
 
 
 @pytest.mark.parametrize(("name", "build", "fragments"), MISTAKES, ids=[m[0] for m in MISTAKES])

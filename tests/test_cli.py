@@ -157,3 +157,63 @@ def test_subprocess_eval_only(tmp_path):
     assert "ToyShape" in done.stdout
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # no --save: nothing written
+
+
+def _train(save: Path, *flags: str) -> None:
+    assert main(["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
+                 "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--iterations", "2",
+                 "--save", str(save), *flags]) == 0
+
+
+def test_summarize_labels_the_method_the_results_record(tmp_path, capsys):
+    save = tmp_path / "chain"
+    _train(save, "--method", "lwf", "--ref-batch-size", "4", "--train-dataset", "ToyShape")
+    _train(save, "--method", "lwf", "--ref-batch-size", "4", "--train-dataset", "ToyColor", "--load",
+           str(save / "ToyShape.pth"))
+    (save / "summary.csv").unlink()
+    assert main(["--summarize", str(save)]) == 0
+    from mtil.evaluation import matrix as mx
+
+    assert [row["method"] for row in mx.read_summary(save / "summary.csv")] == ["lwf"]
+
+
+def test_eval_only_wise_ft_never_overwrites_the_checkpoints_own_rows(tmp_path, capsys):
+    save = tmp_path / "run"
+    _train(save, "--train-dataset", "ToyShape")
+    own = (save / "metrics_ToyShape.csv").read_text()
+    assert main(["--model", "micro-vit", "--workers", "0", "--device", "cpu", "--max-evaluation-size", "8",
+                 "--eval-only", "--load", str(save / "ToyShape.pth"), "--wise-ft", "--alpha", "0",
+                 "--eval-datasets", "ToyShape", "--save", str(save)]) == 0
+    assert (save / "metrics_ToyShape.csv").read_text() == own
+    assert (save / "metrics_ToyShape_wiseft0.csv").is_file()
+
+
+def test_a_model_named_beside_load_must_be_the_loaded_one(tmp_path, capsys):
+    save = tmp_path / "run"
+    _train(save, "--train-dataset", "ToyShape")
+    base = ["--workers", "0", "--device", "cpu", "--max-evaluation-size", "8", "--eval-only", "--load",
+            str(save / "ToyShape.pth"), "--eval-datasets", "ToyShape"]
+    assert main(["--model", "micro-vit", *base]) == 0
+    capsys.readouterr()
+    assert main(["--model", "tiny-vit", *base]) == 2
+    err = capsys.readouterr().err
+    assert "holds a micro-vit model, not --model tiny-vit" in err and err.count("\n") == 1
+
+
+def test_eval_single_blends_with_wise_ft(tmp_path, capsys):
+    save = tmp_path / "run"
+    _train(save, "--train-dataset", "ToyShape", "--lr", "5e-2", "--iterations", "4")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (30, 200, 30)).save(image)
+    names = tmp_path / "names.txt"
+    names.write_text("square\ncircle\nstar\n")
+
+    def ranking(*flags):
+        assert main(["--workers", "0", "--device", "cpu", "--eval-single", str(image), "--class-names", str(names),
+                     *flags]) == 0
+        return re.findall(r"(\d+\.\d+)%", capsys.readouterr().out)
+
+    checkpoint = ranking("--load", str(save / "ToyShape.pth"))
+    zero_shot = ranking("--model", "micro-vit")
+    assert checkpoint != zero_shot
+    assert ranking("--load", str(save / "ToyShape.pth"), "--wise-ft", "--alpha", "0") == zero_shot

@@ -54,7 +54,8 @@ def test_every_run_writes_its_config_and_the_file_repeats_the_run(tmp_path, caps
     text = (save / "config.yaml").read_text()
     assert "#   ToyShape: lr 0.001, iterations 2" in text  # what each task trained with
     recorded = load(save / "latest.pth")["config"]
-    assert {k: v for k, v in written.items()} == {k: v for k, v in recorded.items() if k != "config"}
+    assert all(recorded[k] == v for k, v in written.items())  # what the file says is what the run recorded
+    assert "wd" not in written and "#   wd: 0.0" in text  # per-task settings not typed stay comments
     capsys.readouterr()
     # The file alone repeats the run: same settings, so the finished run is recognised (not refused).
     assert main(["--config", str(save / "config.yaml")]) == 0
@@ -100,9 +101,44 @@ def test_a_users_sequence_file_wins_over_typed_flags(tmp_path):
     assert [(s.lr, s.iterations) for s in settings] == [(5e-3, 3), (1e-4, 2)]
 
 
+def test_a_named_order_run_is_repeated_by_its_config_file(toy_order, tmp_path, capsys):
+    """Untyped per-task settings stay out of config.yaml, so the order's own values apply again (a default lr in
+    the file would have replaced them), and the repeated command is recognised as the same finished run."""
+    save = tmp_path / "run"
+    assert main([*FAST, "--train-dataset", toy_order, "--iterations", "2", "--save", str(save)]) == 0
+    applied = [t["lr"] for t in load(save / "latest.pth")["config"]["task_settings"]]
+    assert applied == [5e-3, 1e-5]
+    capsys.readouterr()
+    assert main(["--config", str(save / "config.yaml")]) == 0
+    assert "already holds this finished run" in capsys.readouterr().out
+
+
+def test_resume_sees_per_task_settings(tmp_path, capsys):
+    """An edited sequence file is another run, though every flag is the same."""
+    sequence = tmp_path / "seq.yaml"
+    sequence.write_text("tasks:\n  - ToyShape\n  - {dataset: ToyColor, lr: 1.0e-3}\n")
+    argv = [*FAST, "--sequence", str(sequence), "--iterations", "2", "--save", str(tmp_path / "run")]
+    assert main(argv) == 0
+    sequence.write_text("tasks:\n  - ToyShape\n  - {dataset: ToyColor, lr: 0.5}\n")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "per-task ToyColor lr 0.001 -> 0.5" in capsys.readouterr().err
+
+
 def test_the_run_prints_which_typed_flags_replaced_the_orders_values(toy_order, tmp_path, capsys):
     assert main([*FAST, "--train-dataset", toy_order, "--iterations", "2", "--lr", "1e-3"]) == 0
     out = capsys.readouterr().out
     assert "note: --lr given on the command line (or in --config) replaces ToyOrder's per-task lr (ToyShape 0.005)" \
         in out
     assert "ToyShape: lr 0.001, 2 iterations" in out and "ToyColor: lr 0.001, 2 iterations" in out
+
+
+def test_the_command_line_wins_for_either_or_settings_and_switches(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_dataset: ToyShape\niterations: 4.0\nwe: true\nlora: true\nprompt: '-{}-'\n")
+    config = parse_args(["--config", str(path), "--epochs", "1", "--sequence", str(path), "--no-we", "--no_lora"])
+    assert config.epochs == 1 and config.iterations is None  # the typed unit replaces the file's
+    assert config.sequence == str(path) and config.train_dataset is None  # typed tasks replace the file's
+    assert config.we is False and config.lora is False  # a file's switch turned off on the command line
+    assert parse_args(["--config", str(path)]).iterations == 4  # YAML's 4.0 for an integer flag
+    assert parse_args(["--config", str(path)]).prompt == "-{}-"  # a value that starts with '-'

@@ -299,3 +299,15 @@ def test_gradient_tracker_records_chosen_steps():
     copy = GradientTracker(model, ["0.weight", "1.bias"], steps=[1, 3])
     copy.load_state_dict(tracker.state_dict())
     assert copy.recorded_steps == [1, 3] and torch.equal(copy.stacked("0.weight"), stacked)
+
+
+def test_a_chain_link_that_repeats_a_trained_dataset_is_refused(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2", "--save", str(first)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert main([*FAST, "--train-dataset", "ToyShape,ToyColor", "--iterations", "2", "--load",
+                 str(first / "ToyShape.pth"), "--save", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "already trained ToyShape" in err and err.count("\n") == 1
+    assert not other.exists()

@@ -338,3 +338,17 @@ def test_the_original_default_targets_run_and_adapt_o_and_the_mlp(tmp_path, smal
     changed = {k for k in zero_shot if not torch.equal(zero_shot[k], trained[k])}
     assert changed == {k for k in zero_shot if k.endswith(("attn.out_proj.weight", "mlp.c_fc.weight",
                                                             "mlp.c_proj.weight"))}
+
+
+def test_freeze_patterns_name_adapters_under_lora(tmp_path):
+    """With --lora, --freeze applies to adapter names: freezing every A leaves only B to train."""
+    save = tmp_path / "run"
+    assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2", "--lora", "--freeze", "*lora_A*",
+                 "--save", str(save)]) == 0
+    log = (save / "train.log").read_text()
+    trainable = int(log.split("LoRA on ToyShape: ")[1].split(" trainable")[0].replace(",", ""))
+    assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2", "--lora", "--save",
+                 str(tmp_path / "all")]) == 0
+    everything = int((tmp_path / "all" / "train.log").read_text().split("LoRA on ToyShape: ")[1]
+                     .split(" trainable")[0].replace(",", ""))
+    assert 0 < trainable < everything

@@ -315,3 +315,17 @@ def test_unusable_setups_are_one_line_errors(capsys, first, tmp_path):
     torch.save({name: torch.eye(3, 7)}, other)
     _one_line_error(capsys, [*base, "--orthogonal-gradients-path", str(other), "--save", str(tmp_path / "y")],
                     name, "another model")
+
+
+def test_fp16_steps_whose_gradients_overflowed_are_neither_recorded_nor_projected(tmp_path):
+    """The gradient scaler skips an overflowed step; OGD must not put its inf gradients into the basis."""
+    save = tmp_path / "fp16"
+    assert main(["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
+                 "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--precision", "fp16",
+                 "--train-dataset", "ToyShape,ToyColor", "--iterations", "4", "--orthogonal-gradients", "4",
+                 "--ogd-save-raw", "--save", str(save)]) == 0
+    raw = torch.load(save / "grad_raw_ToyShape.pth", weights_only=True)
+    assert all(torch.isfinite(g).all() for g in raw["gradients"].values())
+    assert 0 < len(raw["steps"]) < 4  # the first (overflowed) step was left out
+    basis = torch.load(save / "grad_ToyColor.pth", weights_only=True)["basis"]
+    assert all(torch.isfinite(b).all() and b.shape[0] > 0 for b in basis.values())

@@ -55,7 +55,9 @@ def _tiny(argv: list[str]) -> list[str]:
             "ckpt/zscl_run/DTD.pth": "ckpt/zscl_run/ToyShape.pth",
             "ckpt/ogd/task1/grad_DTD.pth": "ckpt/ogd/task1/grad_ToyShape.pth"}
     out = [swap.get(a, a) for a in argv]
-    extra = ["--model", "micro-vit", "--workers", "0", "--device", "cpu", "--max-evaluation-size", "16"]
+    extra = ["--model", "micro-vit", "--workers", "0", "--device", "cpu"]
+    if "--eval-single" not in argv:
+        extra += ["--max-evaluation-size", "16"]
     if "--eval-only" not in argv:
         extra += ["--batch-size", "8", "--warmup-length", "1"]
     if "--method" in argv and out[out.index("--method") + 1] == "ZSCL":

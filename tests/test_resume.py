@@ -288,3 +288,54 @@ def test_sigusr1_saves_exits_3_and_the_rerun_matches(tmp_path):
                                   mx.read_matrix(straight / "accuracy_matrix.csv"), check_exact=True)
     assert_same_tensors(load(save / "ToyShape.pth")["model"], load(straight / "ToyShape.pth")["model"],
                         "final weights")
+
+
+# ------------------------------------------------------------------------------------------------ older runs
+def _as_version_1(path: Path) -> None:
+    """Rewrite a checkpoint's configuration record as mtil wrote it before 2026-11-24 (record version 1):
+    image_loss/text_loss resolved to true, no lwf_sentences, precision, task_settings or record_version."""
+    payload = load(path)
+    config = {k: v for k, v in payload["config"].items()
+              if k not in ("lwf_sentences", "precision", "task_settings", "record_version")}
+    config["image_loss"] = config["text_loss"] = True
+    payload["config"] = config
+    torch.save(payload, path)
+
+
+SHORT = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
+         "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu", "--train-dataset", "ToyShape",
+         "--iterations", "4", "--checkpoint-interval", "2"]
+
+
+def test_a_run_written_by_the_previous_version_resumes(tmp_path, monkeypatch, capsys):
+    save = tmp_path / "old"
+    run_killed_at(monkeypatch, [*SHORT, "--save", str(save)], [], 3)
+    _as_version_1(save / "latest.pth")
+    capsys.readouterr()
+    assert main([*SHORT, "--save", str(save)]) == 0
+    assert "resuming ToyShape at step 2/4" in capsys.readouterr().out
+
+
+def test_an_old_lwf_run_resumes_with_the_sentences_it_used(tmp_path, monkeypatch, capsys):
+    """LwF used every template before; an old LwF run asks for that setting instead of silently changing."""
+    argv = [*SHORT, "--method", "lwf", "--ref-batch-size", "4"]
+    save = tmp_path / "old-lwf"
+    run_killed_at(monkeypatch, [*argv, "--save", str(save)], [], 3)
+    _as_version_1(save / "latest.pth")
+    capsys.readouterr()
+    assert main([*argv, "--save", str(save)]) == 2
+    assert "--lwf-sentences all-templates -> first-template" in capsys.readouterr().err
+    assert main([*argv, "--lwf-sentences", "all-templates", "--save", str(save)]) == 0
+
+
+def test_force_resume_refuses_what_the_interrupted_optimiser_cannot_carry(tmp_path, monkeypatch, capsys):
+    save = tmp_path / "run"
+    run_killed_at(monkeypatch, [*SHORT, "--save", str(save)], [], 3)
+    before = {p.name: p.read_bytes() for p in save.iterdir()}
+    for change in (["--optimizer", "sgd"], ["--train-mode", "image"], ["--lora"]):
+        capsys.readouterr()
+        assert main([*SHORT, *change, "--force-resume", "--save", str(save)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--force-resume cannot carry" in err and change[0] in err, err
+    assert {p.name: p.read_bytes() for p in save.iterdir()} == before
+    assert main([*SHORT, "--lr", "2e-3", "--force-resume", "--save", str(save)]) == 0  # the lr can change

@@ -30,6 +30,8 @@ OPERATIONAL_FLAGS = {
 MODEL_OR_FILE = {"model", "ref_model"}
 DATASET_FLAGS = {"train_dataset", "eval_datasets", "ref_dataset", "ref_sentences"}
 FOLDER_PREFIX = "ImageFolder:"
+RECORD_VERSION = 2  # of the configuration record inside checkpoints (see migrate_record)
+DERIVED = ("record_version", "task_settings")  # record entries that are not flags
 
 
 def capture_rng() -> dict[str, Any]:
@@ -104,22 +106,60 @@ def config_for_checkpoint(config: dict[str, Any], path_keys: Iterable[str] = ())
     return normalize_paths(plain, path_keys)
 
 
+def migrate_record(saved: dict[str, Any]) -> dict[str, Any]:
+    """A configuration record of an older mtil in today's terms, so that an old run resumes.
+
+    Version 1 (before 2026-11-24) stored ``image_loss`` / ``text_loss`` resolved (both true when neither flag was
+    given: today both false mean the same), had no ``lwf_sentences`` (LwF then used every template), no
+    ``precision`` (training ran in fp32) and no ``task_settings``.
+    """
+    if saved.get("record_version", 1) >= RECORD_VERSION:
+        return saved
+    out = dict(saved)
+    if out.get("image_loss") and out.get("text_loss"):
+        out["image_loss"] = out["text_loss"] = False
+    out.setdefault("lwf_sentences", "all-templates")
+    out.setdefault("precision", "fp32")
+    out["record_version"] = RECORD_VERSION
+    return out
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
-                       path_keys: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+                       path_keys: Iterable[str] = (), ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """(setting, saved value, current value) for every setting that really differs. Paths compare as resolved
     files; a flag newer than the checkpoint counts only when it is not at its default; a flag that no longer
-    exists is ignored; flags that change how a run executes, not what it computes, never count."""
+    exists, a flag in ``ignore`` (read by no active method or component) and flags that change how a run
+    executes, not what it computes, never count. ``task_settings`` (what each task trains with) compares when both
+    records have it: it catches an edited sequence file, or a typed value that replaced a named order's."""
     defaults = {k: _plain(v) for k, v in (defaults or {}).items()}
-    saved = normalize_paths(saved, path_keys)
+    saved = normalize_paths(migrate_record(saved), path_keys)
     current = normalize_paths(current, path_keys)
     differences = []
-    for key in sorted(set(current) - OPERATIONAL_FLAGS):
+    for key in sorted(set(current) - OPERATIONAL_FLAGS - set(ignore) - {"record_version"}):
+        if key == "task_settings" and key not in saved:
+            continue
         if key not in saved:
             if key in defaults and current.get(key) != defaults[key]:
                 differences.append((key, defaults[key], current.get(key)))
         elif saved.get(key) != current.get(key):
             differences.append((key, saved.get(key), current.get(key)))
+    from mtil.engine.run import TASK_SETTINGS
+
+    if any(k in TASK_SETTINGS for k, _, _ in differences):  # a differing flag already explains the tasks' values
+        differences = [d for d in differences if d[0] != "task_settings"]
     return differences
+
+
+def _difference(key: str, saved: Any, now: Any) -> str:
+    if key != "task_settings":
+        return f"--{key.replace('_', '-')} {saved} -> {now}"
+    changed = []
+    for before, after in zip(saved or [], now or []):
+        changed += [f"{after.get('dataset')} {k} {before.get(k)} -> {after.get(k)}" for k in after
+                    if k != "dataset" and before.get(k) != after.get(k)]
+    if len(saved or []) != len(now or []) or not changed:
+        return "the tasks' settings (sequence file or named order)"
+    return "per-task " + ", ".join(changed[:4])
 
 
 def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6) -> str:
@@ -127,7 +167,8 @@ def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6
     def shown(value):
         return ",".join(map(str, value)) if isinstance(value, list) else value
 
-    items = [f"--{k.replace('_', '-')} {shown(a)} -> {shown(b)}" for k, a, b in differences[:limit]]
+    items = [_difference(k, a, b) if k == "task_settings" else _difference(k, shown(a), shown(b))
+             for k, a, b in differences[:limit]]
     more = len(differences) - limit
     return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 

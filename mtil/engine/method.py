@@ -52,6 +52,7 @@ class Method:
     hook_order: ClassVar[dict[str, float]] = {}  # hook -> position, where it differs from ``order``
     supports_distributed: ClassVar[bool] = False  # may run in several processes (torchrun / srun)
     training_free: ClassVar[bool] = False  # tasks have zero steps: no optimiser, no --iterations
+    trains_instead_of_clip: ClassVar[bool] = False  # components: trains its own parameters, CLIP's frozen (LoRA)
     trains_logit_scale: ClassVar[bool] = False
     needs_classification_data: ClassVar[bool] = True
 
@@ -81,7 +82,8 @@ class Method:
         """Refuse missing reference data now (a UserError), before anything is evaluated or written."""
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse settings that do not fit the built model (a UserError), before anything is written."""
+        """Refuse settings that do not fit the model (a UserError), before anything is written. ``model`` is a
+        twin with the run's structure on the meta device (names and shapes, no values), which may be modified."""
 
     # ------------------------------------------------------------------ training
     def train_items(self, run: "Run", task: "TaskContext") -> tuple[Dataset, Callable | None, Callable | None]:

@@ -20,7 +20,9 @@ from mtil.atomic import atomic_open
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.registry import check_readable, open_dataset
 from mtil.engine.checkpoint import (
+    DERIVED,
     LATEST,
+    RECORD_VERSION,
     capture_rng,
     config_differences,
     config_for_checkpoint,
@@ -34,7 +36,7 @@ from mtil.engine.method import Method, ordered
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision
 from mtil.engine.preemption import StopFlag
-from mtil.engine.run import Run, TaskContext, TaskSettings
+from mtil.engine.run import TASK_SETTINGS, Run, TaskContext, TaskSettings
 from mtil.engine.schedule import warmup_cosine
 from mtil.engine.state import TrainingState
 from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, task_settings
@@ -44,10 +46,10 @@ from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metr
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.hardware import announce_device, resolve_device
 from mtil.models.architectures import Architecture
-from mtil.models.clip_loading import load_clip, model_from_state_dict
+from mtil.models.clip_loading import build_clip, load_clip, model_from_state_dict
 from mtil.models.heads import head_from_state, head_state
 from mtil.models.lora import base_state_dict
-from mtil.models.train_modes import LINEAR_HEAD_MODES, select_trainable, trainable_names, trains_text
+from mtil.models.train_modes import select_trainable, trainable_names, trains_text
 from mtil.seeding import seed_everything
 
 
@@ -80,6 +82,11 @@ def _set_determinism(config: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+# Settings that decide which parameters the optimiser holds: an interrupted task cannot continue across them.
+OPTIMISER_SHAPING = {"method", "train_mode", "freeze", "optimizer", "lr_multipliers", "lora", "lora_r",
+                     "lora_target_modules", "lora_shared", "lora_shared_split_qkvo"}
+
+
 @dataclass
 class Prepared:
     """What the checks built, handed to the run once nothing is left to refuse."""
@@ -101,12 +108,20 @@ class SequenceRunner:
         self.specs = resolve_tasks(config)
         if not self.specs:
             raise UserError("nothing to train: give --train-dataset A,B,... (or a named order) or --sequence FILE")
+        repeated = sorted({s.dataset for s in self.specs if [t.dataset for t in self.specs].count(s.dataset) > 1})
+        if repeated:
+            raise UserError(f"{', '.join(repeated)} appears more than once in the sequence: each task is another "
+                            f"dataset (the accuracy matrix has one column per dataset)")
         self.save_dir = Path(config.save) if config.save else None
         self.path_keys = set(path_keys)
-        self.config_record = config_for_checkpoint(vars(config), self.path_keys)
         self.components: list[Method] = components
         self.method: Method = self.components[0]
         self.settings: list[TaskSettings] = [task_settings(config, spec) for spec in self.specs]
+        self.precision = resolve_precision(config.precision, resolve_device(config.device))
+        record = {**vars(config), "precision": self.precision}  # the arithmetic this run really uses
+        self.config_record = {**config_for_checkpoint(record, self.path_keys), "record_version": RECORD_VERSION,
+                              "task_settings": [{"dataset": spec.dataset, **vars(settings)}
+                                                for spec, settings in zip(self.specs, self.settings)]}
         self.stop = StopFlag()
         self.resumed: dict | None = None
 
@@ -148,16 +163,21 @@ class SequenceRunner:
         if problems:
             raise UserError("; ".join(dict.fromkeys(problems)))
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Settings that depend on the built model: --freeze patterns, something left to train, and each
-        component's own (OGD's tracked weights, LoRA's targets)."""
+    def check_model(self, arch: Architecture) -> None:
+        """Settings that depend on the model's structure: --freeze patterns, something left to train, and each
+        component's own (OGD's tracked weights, LoRA's targets and trainable adapters). They run on a twin built
+        on the meta device (names and shapes, no memory), which components may modify."""
         config = self.config
-        names = trainable_names(model, config.train_mode, config.freeze)  # also checks the --freeze patterns
-        if not self.method.training_free and not names and config.train_mode not in LINEAR_HEAD_MODES:
-            raise UserError(f"--train-mode {config.train_mode} with --freeze {','.join(config.freeze or [])} leaves "
-                            f"nothing to train")
+        with torch.device("meta"):
+            twin = build_clip(arch)
+        if not any(c.trains_instead_of_clip for c in self.components):
+            names = trainable_names(twin, config.train_mode, config.freeze)  # also checks the --freeze patterns
+            head = config.train_mode in ("image-fc", "fc")  # image-fc-fixed's head is frozen
+            if not self.method.training_free and not names and not head:
+                raise UserError(f"--train-mode {config.train_mode} with --freeze {','.join(config.freeze or [])} "
+                                f"leaves nothing to train")
         for component in self.components:
-            component.check_model(model)
+            component.check_model(twin)
 
     def _continues_chain(self) -> bool:
         """A chain link loads the previous link's task checkpoint from the same folder."""
@@ -172,7 +192,8 @@ class SequenceRunner:
         """``saved`` if this command resumes it; None if it starts the next link of a chain; else a UserError."""
         state = TrainingState.from_dict(saved["state"])
         differences = config_differences(saved.get("config", {}), self.config_record,
-                                         getattr(self.config, "_defaults", {}), self.path_keys)
+                                         getattr(self.config, "_defaults", {}), self.path_keys,
+                                         ignore=getattr(self.config, "_unused", ()))
         if not differences:
             return saved
         if state.finished and self._continues_chain():
@@ -183,6 +204,13 @@ class SequenceRunner:
                 f"{self.save_dir} holds a finished run with other settings (saved -> now: {described}); use another "
                 f"--save (a chain's next link must --load a checkpoint from that folder)"
             )
+        mid_task = state.step > 0 and "optimizer" in saved
+        structural = [k for k, _, _ in differences if k in OPTIMISER_SHAPING]
+        if self.config.force_resume and mid_task and structural:
+            raise UserError(
+                f"--force-resume cannot carry {self.save_dir}'s interrupted task over a change of "
+                f"{', '.join('--' + k.replace('_', '-') for k in structural)}: its saved optimiser state belongs to "
+                f"other parameters; resume with the saved values (saved -> now: {described}) or use another --save")
         if self.config.force_resume:
             print(f"--force-resume: resuming although these settings changed (saved -> now): {described} (a task "
                   f"interrupted mid-way keeps its saved optimiser and schedule; new settings apply from the next task)")
@@ -195,9 +223,14 @@ class SequenceRunner:
     def _fresh(self, device: torch.device) -> Prepared:
         config = self.config
         loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained, load=config.load,
-                           device=device, seed=config.seed)
+                           device=device, seed=config.seed, name_given="model" in getattr(config, "_cli", ()))
         previous = chain_state(loaded.checkpoint, config)
         completed = list(previous.get("completed", []))
+        again = [s.dataset for s in self.specs if s.dataset in completed]
+        if again:
+            raise UserError(f"--load {config.load} continues a --method {config.method} run that already trained "
+                            f"{', '.join(again)} (its tasks: {', '.join(completed)}): a chain's next link trains "
+                            f"other datasets")
         state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
                               global_step=int(previous.get("global_step", 0)), zero_shot_evaluated=bool(completed),
                               base=previous.get("base") or base_spec(config, self.path_keys))
@@ -220,12 +253,12 @@ class SequenceRunner:
                                 saved.get("heads", {}))
         else:
             prepared = self._fresh(device)
-        self.check_model(prepared.model)
+        self.check_model(prepared.arch)
         if saved is not None:
             self.resumed = self._resumable(saved)
             if self.resumed is None:  # the next link of a chain starts from its --load
                 prepared = self._fresh(device)
-                self.check_model(prepared.model)
+                self.check_model(prepared.arch)
         return prepared
 
     def build(self) -> Run:
@@ -237,10 +270,11 @@ class SequenceRunner:
         _set_determinism(config)
         configure_matmul(device, config.deterministic)
         seed_everything(config.seed)
-        precision = resolve_precision(config.precision, device)
+        precision = self.precision
         log = _logger(self.save_dir)
         if self.save_dir is not None:
-            write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings())
+            typed = set(getattr(config, "_cli", ())) | set(getattr(config, "_file", ()))
+            write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings(), typed)
         evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
                                       max_size=config.max_evaluation_size, seed=config.seed,
@@ -338,7 +372,8 @@ class SequenceRunner:
             if self.method.needs_classification_data else None
         task = TaskContext(name=name, settings=settings, data=data)
         run.task = task
-        select_trainable(run.model, config.train_mode, config.freeze)
+        instead = any(c.trains_instead_of_clip for c in self.components)  # e.g. LoRA: --freeze names adapters
+        select_trainable(run.model, config.train_mode, None if instead else config.freeze)
         if self.method.trains_logit_scale:
             run.model.logit_scale.requires_grad_(True)
         if self.method.training_free:
@@ -459,14 +494,18 @@ def base_spec(config: argparse.Namespace, path_keys: set[str] = frozenset()) -> 
     return {**record, "untrained": config.untrained, "seed": config.seed}
 
 
-def write_config_file(path: Path, record: dict, applied: dict[str, dict]) -> None:
-    """``<save>/config.yaml``: the resolved settings (``--config`` of this file repeats the run) and, as
-    comments, what each task trained with."""
-    settings = {k: v for k, v in record.items() if k != "config"}
+def write_config_file(path: Path, record: dict, applied: dict[str, dict], typed: set[str]) -> None:
+    """``<save>/config.yaml``: the resolved settings, such that ``--config`` of this file repeats the run, and as
+    comments what each task trained with. Per-task settings the command did not type stay comments: typed, they
+    would replace a named order's per-task values (the rule of task_settings)."""
+    settings = {k: v for k, v in record.items() if k != "config" and k not in DERIVED}
+    kept = {k: v for k, v in settings.items() if k not in TASK_SETTINGS or k in typed}
     lines = ["# mtil: the resolved settings of this run; `python -m mtil.main --config config.yaml` repeats it.",
              "# Per-task settings applied:"]
     lines += [f"#   {task}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for task, values in applied.items()]
-    text = "\n".join(lines) + "\n" + yaml.safe_dump(settings, sort_keys=False, default_flow_style=None)
+    lines += ["# Not typed, so a named order's per-task values apply over them (defaults otherwise):"]
+    lines += [f"#   {k}: {v}" for k, v in settings.items() if k not in kept]
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(kept, sort_keys=False, default_flow_style=None)
     with atomic_open(path, "w") as handle:
         handle.write(text)
 

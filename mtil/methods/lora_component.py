@@ -55,6 +55,7 @@ class LoraAdapters(Component):
     train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
     train_modes_note = ("fc trains only a linear head on frozen features, so LoRA would have nothing to adapt; "
                         "image-fc trains image-encoder adapters and the head")
+    trains_instead_of_clip = True
     conflicts = {"ogd": "--orthogonal-gradients projects gradients of CLIP's weights, which --lora freezes (only "
                         "fresh per-task adapters train): use one of them"}
     requires = {"lora_shared_split_qkvo": "lora_shared"}
@@ -102,15 +103,24 @@ class LoraAdapters(Component):
         self.model: torch.nn.Module | None = None
 
     def check_model(self, model) -> None:
+        """On the meta twin: the targets exist, the --freeze patterns name base or adapter parameters, and the
+        train mode leaves some adapter to train."""
         resolve_targets(model, self.settings.targets)  # a bad target: one-line UserError before anything runs
+        inject_lora(model, self.settings)
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        for pattern in self.config.freeze or []:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                adapters = [n for n in names if is_lora_name(n)]
+                raise UserError(f"--freeze pattern {pattern!r} matches no parameter (with --lora, e.g. "
+                                f"{adapters[0]}, {names[1]})")
+        if not self._mark_trainable(model):
+            raise UserError(f"--lora-target-modules {','.join(self.settings.targets)} with --train-mode "
+                            f"{self.config.train_mode}{' and --freeze' if self.config.freeze else ''} leaves no "
+                            f"adapter to train (adapters train in the encoders the mode trains)")
 
-    def before_task(self, run, task) -> None:
-        model = run.model
-        if has_lora(model):  # a task left unmerged (cannot happen in a run; be safe for hand-made flows)
-            merge_lora(model)
-        logit_scale_trains = model.logit_scale.requires_grad
-        inject_lora(model, self.settings, seed=self.config.seed + SEED_OFFSET + run.state.task_index)
-        self.model = model
+    def _mark_trainable(self, model) -> int:
+        """Freeze every base weight; adapters train in the encoders ``--train-mode`` trains, minus ``--freeze``
+        patterns. Returns how many adapter parameters train."""
         mode, patterns = self.config.train_mode, list(self.config.freeze or [])
         wanted: dict[int, bool] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -124,6 +134,17 @@ class LoraAdapters(Component):
         for param in model.parameters():
             if id(param) in wanted:
                 param.requires_grad_(wanted[id(param)])
+        return sum(wanted.values())
+
+    def before_task(self, run, task) -> None:
+        model = run.model
+        if has_lora(model):  # a task left unmerged (cannot happen in a run; be safe for hand-made flows)
+            merge_lora(model)
+        logit_scale_trains = model.logit_scale.requires_grad
+        inject_lora(model, self.settings, seed=self.config.seed + SEED_OFFSET + run.state.task_index)
+        self.model = model
+        mode = self.config.train_mode
+        self._mark_trainable(model)
         model.logit_scale.requires_grad_(logit_scale_trains)
         s = self.settings
         message = (f"LoRA on {task.name}: {count_trainable(model):,} trainable parameters (r {s.r}, alpha {s.alpha:g}, "

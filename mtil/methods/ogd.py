@@ -283,8 +283,14 @@ class OrthogonalGradients(Component):
     def after_backward(self, run) -> None:
         """Record this step's raw gradients (at the chosen steps), then project them off the earlier tasks' basis.
 
-        Under distributed training this must run after the gradients' all-reduce (see the module docstring)."""
-        self._ensure_tracker(run).maybe_record(run.state.step)  # state.step: index of the step in progress
+        Under distributed training this must run after the gradients' all-reduce (see the module docstring).
+        With fp16 loss scaling, a step whose gradients overflowed is skipped by the scaler: it is neither recorded
+        nor projected (its inf/NaN gradients would poison the basis)."""
+        tracker = self._ensure_tracker(run)
+        if run.task.scaler is not None and not all(torch.isfinite(p.grad).all() for p in tracker.params.values()
+                                                   if p.grad is not None):
+            return
+        tracker.maybe_record(run.state.step)  # state.step: index of the step in progress
         if not self.basis:
             return
         if self._device_basis is None:

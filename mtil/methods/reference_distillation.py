@@ -76,9 +76,6 @@ class ReferenceDistillation(Finetune):
         add_flag(group, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
         add_flag(group, "--ref-batch-size", type=positive_int, default=None,
                  help="Reference images per step (default: --batch-size).")
-        add_flag(group, "--ref-sentences-count", type=positive_int, default=5000,
-                 help="How many random-token / ToyCaptions sentences to draw (ZSCL's random and ToyCaptions "
-                      "sentences, LwF-VR).")
 
     def __init__(self, config):
         super().__init__(config)
@@ -173,8 +170,20 @@ def class_prompts(names: list[str], location, download: bool = False) -> list[st
     return sentences
 
 
+class _DrawnSentences(ReferenceDistillation):
+    """Methods whose reference sentences can be drawn (random tokens, ToyCaptions): they own the count."""
+
+    flag_group = ("Drawn reference sentences (ZSCL, LwF-VR)", "How many sentences are drawn.")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        add_flag(group, "--ref-sentences-count", type=positive_int, default=5000,
+                 help="How many random-token / ToyCaptions sentences to draw (ZSCL's --ref-sentences random and "
+                      "ToyCaptions; LwF-VR's random sentences).")
+
+
 @register
-class ZSCL(ReferenceDistillation):
+class ZSCL(_DrawnSentences):
     """Teacher = the zero-shot model (or ``--ref-model``, or a WiSE blend with ``--ref-wise``); reference images
     from ``--ref-dataset``; sentences from ``--ref-sentences``."""
 
@@ -199,6 +208,13 @@ class ZSCL(ReferenceDistillation):
     @classmethod
     def check_config(cls, config) -> None:
         check_sentence_spec(config.ref_sentences)
+        drawn = config.ref_sentences in ("random", "ToyCaptions") or (
+            config.ref_sentences == "ref" and config.ref_dataset in CAPTION_DATASETS)
+        default = getattr(config, "_defaults", {}).get("ref_sentences_count", config.ref_sentences_count)
+        if config.ref_sentences_count != default and not drawn:
+            raise UserError(f"--ref-sentences-count draws sentences for --ref-sentences random or ToyCaptions; "
+                            f"--ref-sentences {config.ref_sentences} uses all its sentences: drop "
+                            f"--ref-sentences-count")
 
     def make_teacher(self, run, task):
         cfg = self.config
@@ -316,7 +332,7 @@ class LwF(_PreviousModelDistillation):
 
 
 @register
-class LwFVR(_PreviousModelDistillation):
+class LwFVR(_PreviousModelDistillation, _DrawnSentences):
     """LwF with random-token sentences (LwF-VR)."""
 
     name = "lwf-vr"

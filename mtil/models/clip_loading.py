@@ -131,6 +131,22 @@ def model_from_state_dict(state_dict: dict[str, torch.Tensor], arch: Architectur
     return model
 
 
+STRUCTURE = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+             "transformer_width", "transformer_layers")
+
+
+def check_model_matches(name: str, arch: Architecture, load: str) -> None:
+    """A ``--model`` typed beside ``--load`` must name the loaded architecture (the file's decides the model, so a
+    different name would be ignored silently)."""
+    if name in ALL_ARCHITECTURES:
+        expected = ALL_ARCHITECTURES[name]
+        if any(getattr(expected, f) != getattr(arch, f) for f in STRUCTURE):
+            matches = [n for n, a in ALL_ARCHITECTURES.items() if all(getattr(a, f) == getattr(arch, f)
+                                                                      for f in STRUCTURE)]
+            raise UserError(f"--load {load} holds a {matches[0] if matches else 'different'} model, not --model "
+                            f"{name}: drop --model (the file decides the architecture) or load another file")
+
+
 def load_clip(
     name: str,
     *,
@@ -139,18 +155,23 @@ def load_clip(
     load: str | None = None,
     device: torch.device | str = "cpu",
     seed: int | None = None,
+    name_given: bool = False,
 ) -> LoadedModel:
     """Resolve ``--model`` / ``--untrained`` / ``--load`` into a model.
 
-    ``--load`` wins over the model's own weights (its architecture comes from the file); ``--untrained`` gives
-    random weights of the named architecture; a tiny architecture without ``--load`` is random too.
+    ``--load`` wins over the model's own weights (its architecture comes from the file; a ``--model`` the user
+    gave too, ``name_given``, must name that architecture); ``--untrained`` gives random weights of the named
+    architecture; a tiny architecture without ``--load`` is random too.
     """
     checkpoint: dict[str, Any] = {}
     if load:
         state_dict, checkpoint = read_weights_file(load)
         arch = Architecture.from_dict(checkpoint["arch"]) if "arch" in checkpoint else None
+        arch = arch or architecture_from_state_dict(state_dict)
+        if name_given:
+            check_model_matches(name, arch, load)
         model = model_from_state_dict(state_dict, arch)
-        loaded = LoadedModel(model, arch or architecture_from_state_dict(state_dict), f"file {load}", checkpoint)
+        loaded = LoadedModel(model, arch, f"file {load}", checkpoint)
     elif name in ALL_ARCHITECTURES and (untrained or name not in OPENAI_ARCHITECTURES):
         arch = ALL_ARCHITECTURES[name]
         loaded = LoadedModel(build_clip(arch, seed), arch, f"{name} with random weights")
