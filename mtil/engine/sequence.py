@@ -165,19 +165,22 @@ class SequenceRunner:
 
     def check_model(self, arch: Architecture) -> None:
         """Settings that depend on the model's structure: --freeze patterns, something left to train, and each
-        component's own (OGD's tracked weights, LoRA's targets and trainable adapters). They run on a twin built
-        on the meta device (names and shapes, no memory), which components may modify."""
+        component's own (OGD's tracked weights, LoRA's targets and trainable adapters). They run on twins built on
+        the meta device (names and shapes, no memory)."""
         config = self.config
-        with torch.device("meta"):
-            twin = build_clip(arch)
+
+        def twin() -> torch.nn.Module:
+            with torch.device("meta"):  # a fresh one each: a component may modify its own (LoRA injects)
+                return build_clip(arch)
+
         if not any(c.trains_instead_of_clip for c in self.components):
-            names = trainable_names(twin, config.train_mode, config.freeze)  # also checks the --freeze patterns
+            names = trainable_names(twin(), config.train_mode, config.freeze)  # also checks the --freeze patterns
             head = config.train_mode in ("image-fc", "fc")  # image-fc-fixed's head is frozen
             if not self.method.training_free and not names and not head:
                 raise UserError(f"--train-mode {config.train_mode} with --freeze {','.join(config.freeze or [])} "
                                 f"leaves nothing to train")
         for component in self.components:
-            component.check_model(twin)
+            component.check_model(twin())
 
     def _continues_chain(self) -> bool:
         """A chain link loads the previous link's task checkpoint from the same folder."""
