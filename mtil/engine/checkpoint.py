@@ -119,7 +119,8 @@ def migrate_record(saved: dict[str, Any]) -> dict[str, Any]:
     if out.get("image_loss") and out.get("text_loss"):
         out["image_loss"] = out["text_loss"] = False
     out.setdefault("lwf_sentences", "all-templates")
-    out.setdefault("precision", "fp32")
+    if out.get("precision") in (None, "auto"):  # training before version 2 ran in fp32 whatever was recorded
+        out["precision"] = "fp32"
     out["record_version"] = RECORD_VERSION
     return out
 
