@@ -106,7 +106,6 @@ def name_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-_name_list = name_list
 LR_PARTS = ("image", "text", "head")
 
 
@@ -350,13 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def private(key: str) -> bool:
-    """Namespace entries that are bookkeeping, not settings."""
-    return key.startswith("_")
-
-
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if not private(k)}
+    """The settings of a parsed namespace, without its bookkeeping entries (names starting with '_')."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
@@ -471,11 +466,6 @@ def path_flags(parser: argparse.ArgumentParser | None = None) -> set[str]:
     """Dests of the flags that name files or folders."""
     parser = parser or build_parser()
     return {a.dest for a in parser._actions if getattr(a, "is_path", False)}
-
-
-def defaults_of(parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
-    parser = parser or build_parser()
-    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
 
 
 def setting_types(parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:

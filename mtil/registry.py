@@ -38,10 +38,6 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
 def discover() -> None:
     """Import every module of ``mtil.methods`` and every ``MTIL_PLUGINS`` entry (once per process)."""
     global _discovered

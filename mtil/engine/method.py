@@ -66,8 +66,8 @@ class Method:
 
     @classmethod
     def enabled(cls, config: argparse.Namespace) -> bool:
-        """Components: whether the flags ask for this component. Methods: whether ``--method`` names it."""
-        return config.method == cls.name if cls.kind == "method" else False
+        """Components: whether the flags ask for this component (a method is chosen by ``--method``)."""
+        return False
 
     @classmethod
     def check_config(cls, config: argparse.Namespace) -> None:
