@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from mtil.errors import UserError
+from mtil.yaml_files import read_yaml
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -271,13 +270,7 @@ def _config_path(argv: list[str]) -> str | None:
 def config_file_tokens(path: str, parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> list[str]:
     """A ``--config`` YAML file as command-line tokens (so the flags' own checks apply to its values), leaving out
     the settings in ``skip`` (those the command line decides)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config {path} is not a YAML file ({str(exc).splitlines()[0]})") from None
+    document = read_yaml(path, "--config")
     if document is None:
         return []
     if not isinstance(document, dict):
@@ -380,7 +373,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         """Flags of ``dests`` set away from their default do nothing here: typed, an error; from --config, a note."""
         typed = [_flag(parser, d) for d in dests if d in cli and _changed(args, d)]
         if typed:
-            raise UserError(f"{why}, so {', '.join(typed)} would do nothing: drop {'it' if len(typed) == 1 else 'them'}")
+            pronoun = "it" if len(typed) == 1 else "them"
+            raise UserError(f"{why}, so {', '.join(typed)} would do nothing: drop {pronoun}")
         notes.extend(f"--config sets {d}, which this command does not use (ignored)" for d in dests
                      if d in from_file and _changed(args, d))
 

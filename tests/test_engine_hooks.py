@@ -96,32 +96,31 @@ def test_sgd_with_ogd_makes_the_update_itself_orthogonal(tmp_path):
     assert _orthogonality(tmp_path / "adamw", []) > 1e-2
 
 
-def test_sgd_momentum_reaches_the_optimizer(tmp_path, monkeypatch):
+def _record_construction(monkeypatch, optimizer_class) -> list[tuple[list, dict]]:
+    """(param groups, keyword arguments) of every ``optimizer_class`` built while the test runs."""
     built = []
-    original = torch.optim.SGD.__init__
+    original = optimizer_class.__init__
 
     def record(self, params, **kwargs):
-        built.append(kwargs)
+        built.append((params, kwargs))
         original(self, params, **kwargs)
 
-    monkeypatch.setattr(torch.optim.SGD, "__init__", record)
+    monkeypatch.setattr(optimizer_class, "__init__", record)
+    return built
+
+
+def test_sgd_momentum_reaches_the_optimizer(tmp_path, monkeypatch):
+    built = _record_construction(monkeypatch, torch.optim.SGD)
     assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2", "--optimizer", "sgd",
                  "--momentum", "0.9", "--wd", "0.01"]) == 0
-    assert built and built[0]["momentum"] == 0.9 and built[0]["weight_decay"] == 0.01
+    assert built and built[0][1]["momentum"] == 0.9 and built[0][1]["weight_decay"] == 0.01
 
 
 def test_lr_multipliers_make_one_group_per_part(tmp_path, monkeypatch):
-    groups = []
-    original = torch.optim.AdamW.__init__
-
-    def record(self, params, **kwargs):
-        groups.extend(params)
-        original(self, params, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "__init__", record)
+    built = _record_construction(monkeypatch, torch.optim.AdamW)
     assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2", "--train-mode", "image-fc",
                  "--lr-multipliers", "head=10"]) == 0
-    lrs = {g["part"]: g["initial_lr"] for g in groups}  # "lr" itself follows the schedule
+    lrs = {g["part"]: g["initial_lr"] for g in built[0][0]}  # "lr" itself follows the schedule
     assert lrs == {"image": 1e-3, "head": pytest.approx(1e-2)}
 
 

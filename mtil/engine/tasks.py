@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtil.engine.run import TASK_SETTINGS, TaskSettings
 from mtil.errors import UserError
+from mtil.yaml_files import read_yaml
 
 SEQUENCES_DIR = Path(__file__).resolve().parent.parent / "sequences"
 NAMED_ORDERS = {
@@ -29,12 +28,7 @@ class TaskSpec:
 def read_sequence_file(path: str | Path, builtin: bool = False) -> list[TaskSpec]:
     """YAML: ``tasks: [ {dataset: Aircraft, lr: 5.0e-5}, Caltech101, ... ]`` (a bare name has no overrides)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--sequence file {path} does not exist")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"--sequence file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    document = read_yaml(path, "--sequence file")
     entries = document.get("tasks") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"--sequence file {path} needs a non-empty list under 'tasks:'")

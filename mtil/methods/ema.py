@@ -11,6 +11,7 @@ import torch
 from mtil.args import add_flag, open_unit_interval
 from mtil.engine.method import Component
 from mtil.engine.weights import clone, load_into, to_cpu, to_device, trainable_parameters
+from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 
 DEFAULT_DECAY = 0.999
@@ -22,7 +23,7 @@ class ExponentialMovingAverage(Component):
     summary = "exponential moving average of the weights"
     enable_flag = "--ema"
     flag_group = ("Exponential moving average (EMA)", "The task's result is an EMA of its weights.")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     order = 31.0
 
     @classmethod

@@ -8,6 +8,7 @@ import torch
 from mtil.args import add_flag, non_negative_float
 from mtil.engine.method import Component
 from mtil.engine.weights import clone, to_cpu, to_device, trainable_parameters
+from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 
 
@@ -17,7 +18,7 @@ class L2Consolidation(Component):
     summary = "L2 penalty to the task-start weights"
     enable_flag = "--l2 W"
     flag_group = ("L2 consolidation", "Keep the weights near where each task started.")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     order = 20.0
 
     @classmethod

@@ -39,7 +39,13 @@ from mtil.models.lora import (
     merge_lora,
     resolve_targets,
 )
-from mtil.models.train_modes import is_image_param, is_text_param, trains_image, trains_text
+from mtil.models.train_modes import (
+    CLIP_TRAINING_MODES,
+    is_image_param,
+    is_text_param,
+    trains_image,
+    trains_text,
+)
 from mtil.registry import register
 
 SEED_OFFSET = 7_919  # adapter initialisation seed = --seed + this + task index
@@ -52,7 +58,7 @@ class LoraAdapters(Component):
     enable_flag = "--lora"
     flag_group = ("LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them "
                           "at each task's end, so every task checkpoint holds a plain CLIP (see README: LoRA).")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     train_modes_note = ("fc trains only a linear head on frozen features, so LoRA would have nothing to adapt; "
                         "image-fc trains image-encoder adapters and the head")
     trains_instead_of_clip = True

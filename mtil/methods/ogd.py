@@ -50,7 +50,7 @@ from mtil.engine.gradients import GradientTracker
 from mtil.engine.method import Component
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
-from mtil.models.train_modes import wanted_by_mode
+from mtil.models.train_modes import CLIP_TRAINING_MODES, wanted_by_mode
 from mtil.registry import register
 
 DEFAULT_PATTERNS = ["*attn.in_proj_weight", "*attn.out_proj.weight", "*mlp.c_fc.weight", "*mlp.c_proj.weight"]
@@ -183,7 +183,7 @@ class OrthogonalGradients(Component):
     flag_group = ("Orthogonal gradients (OGD)",
                   "Project each task's gradients off the directions earlier tasks' gradients spanned "
                   "(see mtil/methods/ogd.py).")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     order = 60.0  # only touches gradients: its place in the order is free
 
     @classmethod

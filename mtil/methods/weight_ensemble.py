@@ -11,6 +11,7 @@ import torch
 from mtil.args import add_flag, positive_int, unit_interval
 from mtil.engine.method import Component
 from mtil.engine.weights import clone, interpolate, load_into, to_cpu, to_device, trainable_parameters
+from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 
 
@@ -20,7 +21,7 @@ class WeightEnsemble(Component):
     summary = "weight ensembling"
     enable_flag = "--we"
     flag_group = ("Weight ensembling (WE)", "Average the weights along each task's trajectory (ZSCL's WE).")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     conflicts = {"ema": "both average the weights: choose one"}
     requires = {"we_wise_alpha": "we_wise"}
     order = 30.0

@@ -10,6 +10,7 @@ from mtil.args import add_flag, unit_interval
 from mtil.engine.method import Component
 from mtil.engine.weights import interpolate, load_into
 from mtil.models.lora import base_named_parameters
+from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 
 
@@ -19,7 +20,7 @@ class WiseMerge(Component):
     summary = "WiSE-FT merge after each task"
     enable_flag = "--wise-merge"
     flag_group = ("WiSE-FT merge", "Blend each task's result with reference weights.")
-    train_modes = ("whole", "image", "text", "image-fc", "image-fc-fixed")
+    train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     order = 50.0
 
     @classmethod

@@ -24,6 +24,7 @@ from mtil.models.text import tokenize
 
 TRAIN_MODES = ("whole", "image", "text", "image-fc", "image-fc-fixed", "fc")
 LINEAR_HEAD_MODES = ("image-fc", "image-fc-fixed", "fc")
+CLIP_TRAINING_MODES = tuple(m for m in TRAIN_MODES if m != "fc")  # the modes in which CLIP's own weights train
 
 
 def is_image_param(name: str) -> bool:
