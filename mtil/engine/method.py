@@ -92,6 +92,11 @@ class Method:
 
         return task.data.raw("train"), train_transform(run.model.visual.input_resolution), None
 
+    def task_steps(self, run: "Run", task: "TaskContext", steps: int) -> int:
+        """How many optimiser steps this task trains; ``steps`` is its own length (``--iterations`` or
+        ``--epochs``). A method may train some tasks not at all (0: no optimiser is built) or longer."""
+        return steps
+
     def extra_modules(self, run: "Run", task: "TaskContext") -> list[nn.Module]:
         """Modules outside CLIP whose trainable parameters the optimiser also updates (e.g. a linear head)."""
         return []

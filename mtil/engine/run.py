@@ -63,6 +63,7 @@ class Run:
     # () -> the zero-shot weights as a CPU state dict of parameters (teachers, WiSE references); set by the runner
     zeroshot_state: Callable[[], dict[str, torch.Tensor]] = field(default=lambda: {}, repr=False)
     precision: str = "fp32"  # resolved --precision
+    task_settings: dict[str, TaskSettings] = field(default_factory=dict)  # this process's tasks, by dataset
 
     def autocast(self):
         """The forward passes' arithmetic (``--precision``); weights and summed losses stay float32."""

@@ -285,6 +285,7 @@ class SequenceRunner:
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
+        run.task_settings = {spec.dataset: settings for spec, settings in zip(self.specs, self.settings)}
         evaluator.learned_heads = run.heads
         for name, entry in prepared.heads.items():
             run.heads[name] = head_from_state(entry).to(device)
@@ -388,8 +389,10 @@ class SequenceRunner:
             task.total_steps = state.total_steps = 0
             return task
         raw, _, _ = self.method.train_items(run, task)
-        task.total_steps = steps_for(settings, len(raw))
+        task.total_steps = self.method.task_steps(run, task, steps_for(settings, len(raw)))
         state.total_steps = task.total_steps
+        if task.total_steps == 0:  # e.g. joint training waits for the last task: nothing to optimise here
+            return task
         extra = [m for c in self.components for m in c.extra_modules(run, task)]
         groups = parameter_groups(run.model, extra, settings.lr, config.lr_multipliers)
         groups = self.method.parameter_groups(run, task, groups)
