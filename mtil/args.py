@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("Model", "Which CLIP to use and where its weights are.")
     add_flag(g, "--model", default="ViT-B/16",
              help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
-                  "ViT-L/14@336px), a tiny test architecture (tiny-vit, tiny-rn, micro-vit), or a path to a weights "
-                  "file.")
+                  "ViT-L/14@336px), toyclip (the built-in benchmark's pre-trained tiny CLIP, shipped with mtil), a "
+                  "tiny test architecture (tiny-vit, tiny-rn, micro-vit; random weights), or a path to a weights file.")
     add_flag(g, "--clip-root", default="clip", path=True,
              help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
     add_flag(g, "--untrained", action="store_true",

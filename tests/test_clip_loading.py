@@ -236,7 +236,7 @@ def test_unknown_model_lists_valid_names():
     assert "ViT-B/99" in message
     for name in clip_loading.model_names():
         assert name in message
-    assert set(clip_loading.model_names()) == set(OPENAI_ARCHITECTURES) | set(TINY_ARCHITECTURES)
+    assert set(clip_loading.model_names()) == set(OPENAI_ARCHITECTURES) | set(TINY_ARCHITECTURES) | {"toyclip"}
 
 
 def test_resolve_device():

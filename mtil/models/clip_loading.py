@@ -18,6 +18,7 @@ from clip.model import CLIP
 
 from mtil.hardware import resolve_device  # noqa: F401 - re-exported: callers load a model on a device
 from mtil.errors import UserError
+from mtil.models import toyclip
 from mtil.models.architectures import (
     ALL_ARCHITECTURES,
     OPENAI_ARCHITECTURES,
@@ -44,7 +45,7 @@ def build_clip(arch: Architecture, seed: int | None = None) -> CLIP:
 
 
 def model_names() -> list[str]:
-    return list(ALL_ARCHITECTURES)
+    return [*ALL_ARCHITECTURES, toyclip.TOYCLIP]
 
 
 def weights_file_for(name: str, clip_root: str | os.PathLike) -> Path:
@@ -172,6 +173,13 @@ def load_clip(
             check_model_matches(name, arch, load)
         model = model_from_state_dict(state_dict, arch)
         loaded = LoadedModel(model, arch, f"file {load}", checkpoint)
+    elif name == toyclip.TOYCLIP and not untrained:
+        state_dict, arch = toyclip.read_asset()
+        loaded = LoadedModel(model_from_state_dict(state_dict, arch), arch, f"{name} (the built-in pre-trained "
+                             f"tiny CLIP, {toyclip.ASSET.name})")
+    elif name == toyclip.TOYCLIP:  # --untrained: its architecture with random weights
+        arch = toyclip.read_asset()[1]
+        loaded = LoadedModel(build_clip(arch, seed), arch, f"{name} with random weights")
     elif name in ALL_ARCHITECTURES and (untrained or name not in OPENAI_ARCHITECTURES):
         arch = ALL_ARCHITECTURES[name]
         loaded = LoadedModel(build_clip(arch, seed), arch, f"{name} with random weights")
