@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mtil-installed
 
-.PHONY: demo test env arguments bench clean-demo
+.PHONY: demo test env arguments bench bench-toyworld clean-demo
 
 env: $(STAMP)
 
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 arguments: $(STAMP)
 	$(PY) -m mtil.args > ARGUMENTS.md
+
+bench-toyworld: $(STAMP)
+	$(PY) scripts/bench_toyworld.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_eval.py --model ViT-B/32 --batch-size 32 --device auto
