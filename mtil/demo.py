@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from mtil.benchmark_checks import check_rows
-from mtil.engine.tasks import NAMED_ORDERS
+from mtil.engine.tasks import NAMED_ORDERS, read_sequence_file
 from mtil.evaluation import matrix as mx
 
 # The sequence's settings, chosen by measurement on this benchmark (README: "The built-in benchmark").
@@ -60,7 +60,6 @@ METHODS: dict[str, list[str]] = {
 }
 # What ``make demo`` runs within about 10 minutes on 2 CPU cores; ``--methods all`` runs every one (README).
 DEFAULT_METHODS = ("zeroshot", "joint", "finetune", "ZSCL")
-CONTROLS = ("zeroshot", "joint")
 DETERMINISTIC = ("zeroshot",)  # trains nothing: one run stands for every seed
 # Relative cost of a training step per method, and of one evaluation row in steps (measured; for the ETA only).
 COST = {"ZSCL": 2.0, "lwf": 1.5, "icarl": 1.5, "ogd": 1.3}
@@ -93,8 +92,6 @@ def command_line(argv: list[str]) -> str:
 
 def order_of(order: str) -> list[str]:
     """The task names of a named order or a comma list."""
-    from mtil.engine.tasks import read_sequence_file
-
     if order in NAMED_ORDERS:
         return [spec.dataset for spec in read_sequence_file(NAMED_ORDERS[order], builtin=True)]
     return [name.strip() for name in order.split(",") if name.strip()]
@@ -102,8 +99,6 @@ def order_of(order: str) -> list[str]:
 
 def _toyworld_settings() -> dict[str, dict]:
     """Each ToyWorld task's own settings in the named order (its number of steps)."""
-    from mtil.engine.tasks import read_sequence_file
-
     return {spec.dataset: spec.overrides for spec in read_sequence_file(NAMED_ORDERS["ToyWorld"], builtin=True)}
 
 
@@ -160,7 +155,7 @@ def _progress(job: Job) -> tuple[int, int]:
     return tasks, steps
 
 
-def _finished_line(job: Job, order: list[str]) -> str:
+def _finished_line(job: Job) -> str:
     s = job.summary
     diagonal = " ".join(f"{v:.0f}" for v in s.get("diagonal", []))
     return (f"{job.label:<18} Transfer {s['transfer']:6.2f}  Avg {s['avg']:6.2f}  Last {s['last']:6.2f}  "
@@ -207,7 +202,7 @@ def run_jobs(jobs: list[Job], order: list[str], parallel: int) -> bool:
         if job.code == 0:
             job.summary = read_run(job, order)
         with lock:
-            bar.write(_finished_line(job, order) if job.code == 0 else
+            bar.write(_finished_line(job) if job.code == 0 else
                       f"{job.label}: FAILED (exit {job.code}); see {job.log}")
         credit()
         return job

@@ -307,11 +307,16 @@ SHORT = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-
          "--iterations", "4", "--checkpoint-interval", "2"]
 
 
-def test_a_run_written_by_the_previous_version_resumes(tmp_path, monkeypatch, capsys):
-    save = tmp_path / "old"
-    run_killed_at(monkeypatch, [*SHORT, "--save", str(save)], [], 3)
+def _killed_run_of_the_previous_version(monkeypatch, capsys, argv: list[str], save) -> None:
+    """A run killed mid-task whose latest.pth is then rewritten as the previous version wrote it."""
+    run_killed_at(monkeypatch, [*argv, "--save", str(save)], [], 3)
     _as_version_1(save / "latest.pth")
     capsys.readouterr()
+
+
+def test_a_run_written_by_the_previous_version_resumes(tmp_path, monkeypatch, capsys):
+    save = tmp_path / "old"
+    _killed_run_of_the_previous_version(monkeypatch, capsys, SHORT, save)
     assert main([*SHORT, "--save", str(save)]) == 0
     assert "resuming ToyShape at step 2/4" in capsys.readouterr().out
 
@@ -320,9 +325,7 @@ def test_an_old_lwf_run_resumes_with_the_sentences_it_used(tmp_path, monkeypatch
     """LwF used every template before; an old LwF run asks for that setting instead of silently changing."""
     argv = [*SHORT, "--method", "lwf", "--ref-batch-size", "4"]
     save = tmp_path / "old-lwf"
-    run_killed_at(monkeypatch, [*argv, "--save", str(save)], [], 3)
-    _as_version_1(save / "latest.pth")
-    capsys.readouterr()
+    _killed_run_of_the_previous_version(monkeypatch, capsys, argv, save)
     assert main([*argv, "--save", str(save)]) == 2
     assert "--lwf-sentences all-templates -> first-template" in capsys.readouterr().err
     assert main([*argv, "--lwf-sentences", "all-templates", "--save", str(save)]) == 0
