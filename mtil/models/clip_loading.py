@@ -1,8 +1,8 @@
 """Build or load a CLIP model: OpenAI names (through clip-anytorch), local files, tiny test architectures.
 
 Everything ends as a float32 ``clip.model.CLIP`` on the requested device, plus a note of where it came from.
-Weights files are read with ``weights_only=True`` (no arbitrary code), except OpenAI's TorchScript archives which
-``torch.jit.load`` reads.
+Weights files are read with ``weights_only=True`` (no arbitrary code); OpenAI's TorchScript archives are read as
+data by ``torchscript_weights`` (``torch.jit.load`` would run the archive's code, so mtil never calls it).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from clip.model import CLIP
 from mtil.hardware import resolve_device  # noqa: F401 - re-exported: callers load a model on a device
 from mtil.errors import UserError
 from mtil.models import toyclip
+from mtil.models.torchscript_weights import NotTorchScript, is_torchscript_archive, read_torchscript_tensors
 from mtil.models.architectures import (
     ALL_ARCHITECTURES,
     OPENAI_ARCHITECTURES,
@@ -91,11 +92,14 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # OpenAI's released files are TorchScript archives
-            payload = torch.jit.load(str(path), map_location="cpu").state_dict()
+    if is_torchscript_archive(path):  # OpenAI's released files: their tensors, read as data
+        try:
+            payload = read_torchscript_tensors(path)
+        except NotTorchScript as exc:
+            raise UserError(f"cannot read {path} as a TorchScript archive's weights: {exc}") from None
+    else:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             raise UserError(
                 f"cannot read {path}: not an mtil checkpoint, an OpenAI CLIP file or a ZSCL state dict"
