@@ -87,9 +87,13 @@ def _checked(convert, accept, requirement: str, name: str):
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "positive_int")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer of 0 or more", "non_negative_int")
-INTEGER_TYPES = (int, positive_int, non_negative_int)
+INT_MAX = 2**31 - 1  # counts and sizes beyond this are typos, and overflow torch's and itertools' C integers
+positive_int = _checked(int, lambda v: 1 <= v <= INT_MAX, f"an integer from 1 to {INT_MAX}", "positive_int")
+non_negative_int = _checked(int, lambda v: 0 <= v <= INT_MAX, f"an integer from 0 to {INT_MAX}", "non_negative_int")
+seed_int = _checked(int, lambda v: 0 <= v < 2**32, f"an integer from 0 to {2**32 - 1} (what NumPy accepts)", "seed_int")
+MAX_WORKERS = 128  # beyond any machine's useful loader processes; a typo of 1000s would fork until memory runs out
+worker_count = _checked(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer from 0 to {MAX_WORKERS}", "worker_count")
+INTEGER_TYPES = (int, positive_int, non_negative_int, worker_count, seed_int)
 positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive_float")
 non_negative_float = _checked(float, lambda v: v >= 0, "a number of 0 or more", "non_negative_float")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
@@ -166,14 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--threads", type=positive_int, default=None,
              help="CPU threads of torch (default: the CPUs this process may use, capped by SLURM_CPUS_PER_TASK; "
                   "OMP_NUM_THREADS, when set, is respected).")
-    add_flag(g, "--workers", type=non_negative_int, default=2,
-             help="DataLoader worker processes (0 loads in the main process).")
+    add_flag(g, "--workers", type=worker_count, default=2,
+             help=f"DataLoader worker processes (0 loads in the main process; at most {MAX_WORKERS}).")
 
     g = parser.add_argument_group("Data", "Where datasets live and how they are read.")
     add_flag(g, "--data-location", default="data", path=True, help="Root folder of all datasets.")
     add_flag(g, "--download", action="store_true",
              help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
-    add_flag(g, "--seed", type=int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
+    add_flag(g, "--seed", type=seed_int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
 
     g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
     methods = registry.registered("method")
@@ -217,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
     add_flag(g, "--checkpoint-interval", type=non_negative_int, default=500,
              help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
+    add_flag(g, "--skip-nonfinite", type=non_negative_int, default=0, metavar="N",
+             help="A step whose loss or gradients are NaN or infinite stops the run (exit code 2; the checkpoints "
+                  "already written are kept). With N > 0, up to N such steps in the run are skipped instead (no "
+                  "weight update, a warning in the log). May differ on resume, so a stopped run can go on with it.")
     add_flag(g, "--force-resume", action="store_true",
              help="Resume an unfinished run in --save even though its configuration differs from this command's.")
     add_flag(g, "--summarize", default=None, metavar="DIR", path=True,

@@ -23,6 +23,7 @@ from mtil import registry
 from mtil.args import parse_args
 from mtil.datasets.base import TaskData
 from mtil.engine.loop import optimization_step
+from mtil.engine.numerics import NonFiniteGuard
 from mtil.engine.method import ordered
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import grad_scaler, resolve_precision
@@ -95,7 +96,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
-        optimization_step(run, hooks, optimizer, scaler, batch)
+        optimization_step(run, hooks, optimizer, scaler, batch, NonFiniteGuard(0))  # as training runs it
         run.state.step += 1
         for component in hooks["after_step"]:
             component.after_step(run)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.method import Method, ordered
+from mtil.engine.numerics import NonFiniteGuard
 from mtil.engine.preemption import Preempted, StopFlag
 from mtil.engine.run import Run, TaskContext
 
@@ -65,10 +66,12 @@ class Progress:
 
 
 def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None, batch) -> dict[str, torch.Tensor]:
+                      scaler: torch.amp.GradScaler | None, batch, guard: NonFiniteGuard | None = None,
+                      where: str = "") -> tuple[dict[str, torch.Tensor], bool]:
     """One step: every component's named loss terms (under ``--precision`` autocast), their float32 sum, backward
-    (scaled for fp16, the gradients unscaled before the hooks see them), ``after_backward`` hooks, the optimiser
-    step. Returns the loss terms. ``hooks``: hook name -> the components in that hook's order."""
+    (scaled for fp16, the gradients unscaled before the hooks see them), the numerical guard, ``after_backward``
+    hooks, the optimiser step. Returns the loss terms and whether the weights were updated (False: the guard
+    skipped a non-finite step). ``hooks``: hook name -> the components in that hook's order."""
     losses: dict[str, torch.Tensor] = {}
     with run.autocast():
         for component in hooks["loss"]:
@@ -83,6 +86,17 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
     else:
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)  # hooks (e.g. OGD's projection) see the true gradients
+    if guard is not None:
+        gradients = None if scaler is not None else [p.grad for group in optimizer.param_groups
+                                                     for p in group["params"] if p.grad is not None]
+        problem = guard.problem(losses, total, gradients)
+        if problem is not None and guard.allow_skip(problem, where):
+            run.log.warning(f"{where}: {problem}; step skipped ({guard.skipped} of --skip-nonfinite "
+                            f"{guard.limit} used)")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale_ so the next step may scale again
+            return losses, False
     for component in hooks["after_backward"]:
         component.after_backward(run)
     if scaler is None:
@@ -90,7 +104,7 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
     else:
         scaler.step(optimizer)
         scaler.update()
-    return losses
+    return losses, True
 
 
 def train_steps(run: Run, task: TaskContext, components: Sequence[Method], stream_id: int, *,
@@ -117,8 +131,11 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
     if scaler is not None:  # fp16: a step whose gradients overflowed is skipped by design, not a misuse
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     try:
+        guard = NonFiniteGuard(config.skip_nonfinite, state.nonfinite_skipped)
         for batch in loader:
-            losses = optimization_step(run, hooks, optimizer, scaler, batch)
+            losses, _ = optimization_step(run, hooks, optimizer, scaler, batch, guard,
+                                          where=f"{task.name} step {state.step + 1}/{task.total_steps}")
+            state.nonfinite_skipped = guard.skipped
             task.scheduler.step()
             state.step += 1
             state.global_step += 1

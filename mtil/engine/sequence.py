@@ -33,6 +33,7 @@ from mtil.engine.checkpoint import (
 )
 from mtil.engine.loop import train_steps
 from mtil.engine.method import Method, ordered
+from mtil.engine.numerics import check_weights_finite
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision
 from mtil.engine.preemption import StopFlag
@@ -330,6 +331,7 @@ class SequenceRunner:
             "iteration": run.state.global_step,
             "config": self.config_record,
         }
+        check_weights_finite(payload["model"], "a checkpoint")
         if with_optimizer and task is not None and task.optimizer is not None:
             payload["optimizer"] = task.optimizer.state_dict()
             payload["scheduler"] = task.scheduler.state_dict()

@@ -20,6 +20,7 @@ class TrainingState:
     zero_shot_evaluated: bool = False
     task_evaluated: bool = True  # the last completed task's matrix row is written
     base: dict = field(default_factory=dict)  # how to rebuild the zero-shot weights (see sequence.base_spec)
+    nonfinite_skipped: int = 0  # steps the numerical guard skipped (--skip-nonfinite), over the whole run
 
     @property
     def task_index(self) -> int:

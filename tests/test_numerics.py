@@ -1,0 +1,105 @@
+"""The numerical guard: a NaN or infinite loss or gradient never reaches the weights or a checkpoint. The run
+stops with one line and exit code 2, leaving the checkpoints already written byte for byte as they were, or skips
+such steps up to ``--skip-nonfinite N``."""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtil.engine.numerics import NonFiniteError, NonFiniteGuard, all_finite, check_weights_finite
+from mtil.main import main
+from mtil.methods.finetune import Finetune
+from tests.helpers import load
+
+FAST = ["--model", "micro-vit", "--batch-size", "8", "--warmup-length", "1", "--max-evaluation-size", "16",
+        "--workers", "0", "--device", "cpu", "--checkpoint-interval", "0"]
+
+
+def _losses(value: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    losses = {"ce": torch.tensor(value), "l2": torch.tensor(0.5)}
+    return losses, sum(losses.values())
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_terms():
+    guard = NonFiniteGuard(limit=0)
+    assert guard.problem(*_losses(1.0), gradients=[torch.ones(3)]) is None
+    problem = guard.problem(*_losses(math.nan), gradients=[torch.ones(3)])
+    assert "loss is not finite" in problem and "ce nan" in problem and "l2 0.5" in problem
+    with pytest.raises(NonFiniteError, match=r"ToyColor step 3/10: the loss is not finite .*--skip-nonfinite"):
+        guard.allow_skip(problem, "ToyColor step 3/10")
+
+
+def test_non_finite_gradients_are_caught_except_under_the_fp16_scaler():
+    guard = NonFiniteGuard(limit=0)
+    bad = [torch.ones(3), torch.tensor([1.0, math.inf])]
+    assert "gradients are not finite" in guard.problem(*_losses(1.0), gradients=bad)
+    assert guard.problem(*_losses(1.0), gradients=None) is None  # fp16: the scaler skips such steps itself
+    assert not all_finite([torch.tensor([math.nan])]) and all_finite([torch.zeros(2), torch.arange(3)])
+
+
+def test_skips_are_counted_against_the_limit_and_then_stop():
+    guard = NonFiniteGuard(limit=2, skipped=1)  # one skipped before a resume
+    assert guard.allow_skip("the loss is not finite", "T step 1/5")
+    assert guard.skipped == 2
+    with pytest.raises(NonFiniteError, match="--skip-nonfinite 2 steps already skipped"):
+        guard.allow_skip("the loss is not finite", "T step 2/5")
+
+
+def test_non_finite_weights_are_never_written():
+    with pytest.raises(NonFiniteError, match="not writing a checkpoint: weight b is not finite"):
+        check_weights_finite({"a": torch.zeros(2), "b": torch.tensor([0.0, math.nan]), "n": torch.arange(2)},
+                             "a checkpoint")
+    check_weights_finite({"a": torch.zeros(2)}, "a checkpoint")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_an_exploding_task_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, capsys):
+    sequence = tmp_path / "sequence.yaml"
+    sequence.write_text("tasks:\n  - {dataset: ToyShape, iterations: 2, lr: 1.0e-3}\n"
+                        "  - {dataset: ToyColor, iterations: 4, lr: 1.0e+30}\n")
+    save = tmp_path / "run"
+    argv = [*FAST, "--sequence", str(sequence), "--save", str(save)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ToyColor step" in err[0] and "not finite" in err[0], err
+    assert not (save / "ToyColor.pth").exists()
+    latest, first = load(save / "latest.pth"), load(save / "ToyShape.pth")
+    assert latest["state"]["completed"] == ["ToyShape"]
+    assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
+    assert all(torch.equal(latest["model"][k], v) for k, v in first["model"].items())
+    before = _digests(save)
+    # Run again, and again allowing two skipped steps: each stops the same way and writes nothing.
+    assert main(argv) == 2
+    assert main([*argv, "--skip-nonfinite", "2"]) == 2
+    assert "2 steps already skipped" in capsys.readouterr().err
+    after = _digests(save)
+    assert {k: v for k, v in after.items() if k.endswith(".pth")} == {k: v for k, v in before.items()
+                                                                      if k.endswith(".pth")}
+
+
+def test_a_transient_non_finite_step_is_skipped_when_allowed(tmp_path, monkeypatch):
+    original = Finetune.loss
+    calls = {"n": 0}
+
+    def loss_nan_once(self, run, batch):
+        losses = original(self, run, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            losses["ce"] = losses["ce"] * math.nan
+        return losses
+
+    monkeypatch.setattr(Finetune, "loss", loss_nan_once)
+    save = tmp_path / "run"
+    assert main([*FAST, "--train-dataset", "ToyColor", "--iterations", "3", "--lr", "1e-3",
+                 "--skip-nonfinite", "1", "--save", str(save)]) == 0
+    checkpoint = load(save / "latest.pth")
+    assert checkpoint["state"]["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert "step skipped (1 of --skip-nonfinite 1 used)" in (save / "train.log").read_text()
