@@ -2,7 +2,8 @@
 ``scripts/bench_toyworld.py``).
 
 1. Every task is learned: right after training it, fine-tuning's accuracy is at least chance + 40 points.
-2. Fine-tuning forgets: it keeps less than half of the zero-shot model's Transfer above chance.
+2. Fine-tuning measurably forgets the zero-shot ability: its Transfer is below the zero-shot model's by more than
+   three of its standard deviations over seeds, and it keeps at most three quarters of that Transfer above chance.
 3. ZSCL keeps clearly more: its Transfer exceeds fine-tuning's by more than three standard deviations (the
    larger of the two methods' spreads over seeds) ...
 4. ... without paying for it in Last: its Last is at most 5 points below fine-tuning's (above is allowed: a method
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from mtil.datasets.toyworld import TASKS
 
 LEARNED_MARGIN = 40.0
-KEEPS_AT_MOST = 0.5
+KEEPS_AT_MOST = 0.75
 STD_GAP = 3.0
 LAST_WITHIN = 5.0
 
@@ -49,12 +50,15 @@ def check_rows(rows: list[dict], order: list[str]) -> list[Check]:
         learned = all(ft[f"diag_{t}"] >= chance(t) + LEARNED_MARGIN for t in order)
         checks.append(Check("every task learned by fine-tuning (>= chance + 40)", learned, ", ".join(short)))
     if "finetune" in by and "zeroshot" in by:
+        ft, zs = by["finetune"], by["zeroshot"]
         floor = chance_transfer(order)
-        kept = (by["finetune"]["transfer"] - floor) / max(by["zeroshot"]["transfer"] - floor, 1e-9)
-        checks.append(Check("fine-tuning loses most of the zero-shot Transfer", kept < KEEPS_AT_MOST,
-                            f"keeps {kept:.0%} of the zero-shot model's Transfer above chance "
-                            f"({by['finetune']['transfer']:.1f} vs {by['zeroshot']['transfer']:.1f}; "
-                            f"chance {floor:.1f})"))
+        kept = (ft["transfer"] - floor) / max(zs["transfer"] - floor, 1e-9)
+        gap = zs["transfer"] - ft["transfer"]
+        spread = max(ft["transfer_std"], 0.1)
+        checks.append(Check("fine-tuning measurably forgets the zero-shot Transfer",
+                            kept <= KEEPS_AT_MOST and gap > STD_GAP * spread,
+                            f"{ft['transfer']:.1f} vs the zero-shot model's {zs['transfer']:.1f}: gap {gap:.1f} = "
+                            f"{gap / spread:.1f} std; keeps {kept:.0%} of it above chance ({floor:.1f})"))
     if "finetune" in by and "ZSCL" in by:
         ft, zscl = by["finetune"], by["ZSCL"]
         spread = max(ft["transfer_std"], zscl["transfer_std"], 0.1)

@@ -2,22 +2,27 @@
 
 Contrastive (CLIP) training of ``tiny-vit`` on the ToyWorld image-caption corpus, from random weights. The
 corpus's images are rendered once into memory (a fixed pool); every step draws a batch from the pool and a fresh
-caption for each image (captions name 2-5 of an image's attributes, every attribute equally often), so the text
-side never repeats. A zero-shot table per attribute (each ToyWorld task's test set, its own class prompts) is
-printed as training goes. The result is written trimmed to the words the benchmark uses
+caption for each image (captions name 2-5 of an image's attributes, every attribute equally often, never what
+``toyworld.NEVER_CAPTIONED`` holds back), so the text side never repeats. A zero-shot table per attribute (each
+ToyWorld task's test set, its own class prompts) is printed as training goes. The result is written trimmed to the words the benchmark uses
 (``mtil/models/toyclip.py``) and its SHA-256 printed: put it in ``mtil/models/toyclip.py`` when replacing the
 shipped file.
 
 Deterministic: the same command on the same machine writes the same file (seeded data, captions and
-initialisation; a fixed number of threads; deterministic algorithms on a GPU). A GPU is used when there is one.
+initialisation; a fixed number of threads; deterministic algorithms on a GPU; the file's bytes do not depend on
+its name). Another device or torch version computes in another floating-point order and writes slightly different
+weights; the file records where it was made. A GPU is used when there is one. The shipped file was made by the
+defaults on one NVIDIA H100 (torch 2.11): 6 minutes, the CPU side (fresh captions, tokenizing) being the limit;
+two runs side by side wrote identical weights. On 2 CPU cores expect about 30 minutes.
 
-    python scripts/pretrain_toyclip.py                    # the shipped model (about 8 min on 2 CPU cores)
+    python scripts/pretrain_toyclip.py                    # the shipped model
     python scripts/pretrain_toyclip.py --steps 200 --out /tmp/toyclip.pt     # a quick look
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,6 +89,12 @@ class ZeroShotTable:
         return table
 
 
+def describe_device(device: torch.device, threads: int) -> str:
+    """Where the weights were computed (recorded in the file: floating-point results differ between devices)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    return f"{device.type} ({where}, torch {torch.__version__})"
+
+
 def format_table(table: dict[str, float]) -> str:
     chance = {name: 100 / len(info.classes) for name, info in toyworld.TASKS.items()}
     return "  ".join(f"{name.removeprefix('Toy')} {v:.1f} ({chance[name]:.0f})" for name, v in table.items())
@@ -91,12 +102,12 @@ def format_table(table: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--pool", type=int, default=30_000, help="caption-corpus images rendered once and reused")
+    parser.add_argument("--pool", type=int, default=60_000, help="caption-corpus images rendered once and reused")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (fixed: results depend on it)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
         torch.use_deterministic_algorithms(True, warn_only=False)
     arch = TINY_ARCHITECTURES[ARCH]
     model = build_clip(arch, seed=args.seed).to(device)
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     vocabulary = benchmark_vocabulary(model, args.seed)
     meta = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd, "seed": args.seed,
-            "pool": args.pool, "zero_shot": final, "eval_size": args.eval_size, "arch_name": ARCH}
+            "pool": args.pool, "zero_shot": final, "eval_size": args.eval_size, "arch_name": ARCH,
+            "device": describe_device(device, args.threads)}
     digest = toyclip.write_asset(args.out, state, arch, vocabulary, meta)
     print(f"\nwrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB, {len(vocabulary)} token rows) in "
           f"{time.perf_counter() - started:.0f} s\nSHA-256 {digest}\nzero-shot % (chance): {format_table(final)}")

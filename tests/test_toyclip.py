@@ -77,8 +77,8 @@ def test_the_shipped_model_knows_colour_and_background_zero_shot():
 
 def test_pretraining_script_is_deterministic(tmp_path):
     outputs = []
-    for run in ("a", "b"):  # same file name: torch.save records it inside the archive
-        out = tmp_path / run / "toyclip.pt"
+    for run in ("a", "b"):  # other names: the file's bytes must not depend on where it is written
+        out = tmp_path / run / f"{run}.pt"
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toyclip.py"), "--steps", "3",
                                "--warmup", "1", "--batch-size", "8", "--pool", "32", "--eval-size", "8",
                                "--eval-every", "3", "--threads", "1", "--device", "cpu", "--out", str(out)],
