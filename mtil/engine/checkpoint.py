@@ -6,7 +6,10 @@ temporary file and renamed, and read back with ``torch.load(weights_only=True)``
 """
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,11 +17,13 @@ import numpy as np
 import torch
 
 from mtil.atomic import atomic_open
+from mtil.engine.state import TrainingState
 from mtil.errors import UserError
 
 FORMAT = "mtil-checkpoint"
 VERSION = 1
 LATEST = "latest.pth"
+PREVIOUS = "latest.prev.pth"  # the latest checkpoint before the last one, kept until a newer one is verified
 
 # Flags that change how a run executes but not what it computes: they may differ on resume.
 OPERATIONAL_FLAGS = {
@@ -174,12 +179,53 @@ def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6
     return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bool = False) -> Path:
+    """Write ``payload`` atomically. ``keep_previous``: the file it replaces stays as ``latest.prev.pth`` (a hard
+    link made before the new file is renamed in, so one good file always exists), and the new file is read back
+    (every zip record's CRC) before the call returns."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
+    if keep_previous and path.is_file():
+        _keep_as_previous(path)
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
+    if keep_previous:
+        damaged = _damaged_record(path)
+        if damaged:
+            raise UserError(f"{path} did not read back as written ({damaged}); {path.parent / PREVIOUS} is the last "
+                            f"good checkpoint (is the disk failing?)")
     return path
+
+
+def _keep_as_previous(path: Path) -> None:
+    previous = path.parent / PREVIOUS
+    staged = path.parent / f".{PREVIOUS}.link.tmp"
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:  # a file system without hard links: a copy
+        shutil.copyfile(path, staged)
+    os.replace(staged, previous)
+
+
+def _damaged_record(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:80]}"
+    return f"record {bad} fails its CRC" if bad else None
+
+
+def remove_orphaned_temporaries(folder: Path) -> list[str]:
+    """Delete the ``.<name>.XXXX.tmp`` files that a kill during an atomic write leaves behind (they are never
+    read: the rename is the commit). Returns their names."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return sorted(removed)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -190,4 +236,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an mtil checkpoint")
+    return payload
+
+
+RESUME_KEYS = ("arch", "model", "state", "config")
+MID_TASK_KEYS = ("optimizer", "scheduler", "rng")
+
+
+def load_resumable(path: str | Path) -> dict[str, Any]:
+    """A checkpoint a run can resume from: readable, and holding everything resuming reads (one-line error
+    naming the file and the missing entry otherwise, never a KeyError)."""
+    payload = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in payload]
+    if "optimizer" in payload:
+        missing += [k for k in MID_TASK_KEYS if k not in payload]
+    if not missing and not isinstance(payload["state"], dict):
+        missing = ["state (not a dict)"]
+    if not missing:
+        try:
+            TrainingState.from_dict(payload["state"])
+        except TypeError as exc:
+            missing = [f"a valid state ({str(exc)[:60]})"]
+    if missing:
+        raise UserError(f"cannot resume from {path}: it lacks {', '.join(missing)} (damaged or not written by mtil)")
     return payload

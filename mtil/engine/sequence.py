@@ -22,12 +22,14 @@ from mtil.datasets.registry import check_readable, open_dataset
 from mtil.engine.checkpoint import (
     DERIVED,
     LATEST,
+    PREVIOUS,
     RECORD_VERSION,
     capture_rng,
     config_differences,
     config_for_checkpoint,
     describe_differences,
-    load_checkpoint,
+    load_resumable,
+    remove_orphaned_temporaries,
     restore_rng,
     save_checkpoint,
 )
@@ -125,6 +127,8 @@ class SequenceRunner:
                                                 for spec, settings in zip(self.specs, self.settings)]}
         self.stop = StopFlag()
         self.resumed: dict | None = None
+        self.resumed_from: Path | None = None  # the checkpoint read on resume (latest.pth, or a fallback)
+        self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
 
     # ---------------------------------------------------------------- checks (nothing written)
     def check_settings(self) -> None:
@@ -188,9 +192,37 @@ class SequenceRunner:
         return bool(self.config.load) and Path(self.config.load).resolve().parent == self.save_dir.resolve()
 
     def _saved_latest(self) -> dict | None:
-        if self.save_dir is None or not (self.save_dir / LATEST).is_file():
+        """The checkpoint to resume from: latest.pth, or when it is damaged (or gone while latest.prev.pth is
+        there) the newest good earlier one: latest.prev.pth, then the task checkpoints, newest first. Never
+        starts over silently: with no good checkpoint it is a one-line error."""
+        if self.save_dir is None:
             return None
-        return load_checkpoint(self.save_dir / LATEST)
+        latest, previous = self.save_dir / LATEST, self.save_dir / PREVIOUS
+        if not latest.is_file() and not previous.is_file():
+            return None
+        try:
+            if not latest.is_file():
+                raise UserError(f"{latest} is missing")
+            saved = load_resumable(latest)
+            self.resumed_from, self.latest_is_good = latest, True
+            return saved
+        except UserError as damage:
+            tasks = sorted((p for p in self.save_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
+                           key=lambda p: p.stat().st_mtime, reverse=True)
+            for fallback in [previous, *tasks]:
+                if not fallback.is_file():
+                    continue
+                try:
+                    saved = load_resumable(fallback)
+                except UserError:
+                    continue
+                state = saved["state"]
+                print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
+                      f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
+                self.resumed_from = fallback
+                return saved
+            raise UserError(f"{damage}, and {self.save_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
+                            f"checkpoint) to resume from; move the folder away to start over") from None
 
     def _resumable(self, saved: dict) -> dict | None:
         """``saved`` if this command resumes it; None if it starts the next link of a chain; else a UserError."""
@@ -253,7 +285,7 @@ class SequenceRunner:
         if saved is not None:
             arch = Architecture.from_dict(saved["arch"])
             prepared = Prepared(model_from_state_dict(saved["model"], arch).to(device), arch, device,
-                                TrainingState.from_dict(saved["state"]), f"resumed from {self.save_dir / LATEST}",
+                                TrainingState.from_dict(saved["state"]), f"resumed from {self.resumed_from}",
                                 saved.get("heads", {}))
         else:
             prepared = self._fresh(device)
@@ -277,6 +309,9 @@ class SequenceRunner:
         precision = self.precision
         log = _logger(self.save_dir)
         if self.save_dir is not None:
+            orphans = remove_orphaned_temporaries(self.save_dir)
+            if orphans:
+                _say(log, f"removed {len(orphans)} temporary file(s) an interrupted write left: {', '.join(orphans)}")
             typed = set(getattr(config, "_cli", ())) | set(getattr(config, "_file", ()))
             write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings(), typed)
         evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
@@ -339,9 +374,12 @@ class SequenceRunner:
                 payload["scaler"] = task.scaler.state_dict()
         return payload
 
-    def save_latest(self, run: Run, with_optimizer: bool = True) -> None:
+    def save_latest(self, run: Run, with_optimizer: bool = True, payload: dict | None = None) -> None:
+        """Write latest.pth, keeping the one it replaces as latest.prev.pth when that one is known good."""
         if self.save_dir is not None:
-            save_checkpoint(self.save_dir / LATEST, self._payload(run, with_optimizer))
+            save_checkpoint(self.save_dir / LATEST, payload or self._payload(run, with_optimizer),
+                            keep_previous=self.latest_is_good)
+            self.latest_is_good = True
 
     # ---------------------------------------------------------------- evaluation
     def eval_names(self, run: Run) -> list[str]:
@@ -443,7 +481,7 @@ class SequenceRunner:
         if self.save_dir is not None:
             payload = self._payload(run, with_optimizer=False)
             save_checkpoint(self.save_dir / f"{safe_name(task.name)}.pth", payload)
-            save_checkpoint(self.save_dir / LATEST, payload)
+            self.save_latest(run, payload=payload)
         run.task = None
 
     # ---------------------------------------------------------------- the whole sequence
