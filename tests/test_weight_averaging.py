@@ -164,6 +164,8 @@ def test_weight_ensemble_hooks_average_start_and_every_averaging_step(freq, step
             averaged.append(weights(model))
     assert we.count == len(averaged)
     trained = weights(model)
+    if steps % freq:  # the steps after the last averaging step count too: the final weights join the average
+        averaged.append(trained)
     we.after_task(run, None)
     mean = {n: torch.stack([w[n] for w in averaged]).mean(0) for n in TRAINABLE}
     want = {n: 0.7 * mean[n] + 0.3 * start[n] for n in TRAINABLE} if wise else mean
@@ -206,6 +208,15 @@ def test_weight_ensemble_run_result_is_the_hand_computed_average(wise, tmp_path,
     assert_close(result, want, names)
     assert torch.equal(result["logit_scale"], start["logit_scale"])
     assert not torch.allclose(result["visual.conv1.weight"], snapshots[-1]["visual.conv1.weight"], atol=1e-6)
+
+
+def test_weight_ensemble_keeps_a_task_shorter_than_the_averaging_interval(tmp_path):
+    """3 steps with --avg-freq 100 (the default): the result is mean(start, final), not the start weights."""
+    assert main([*FAST, "--we", "--train-dataset", "ToyShape", "--iterations", "3", "--eval-datasets", "ToyShape",
+                 "--save", str(tmp_path)]) == 0
+    start = zeroshot_micro()
+    result = load(tmp_path / "ToyShape.pth")["model"]
+    assert not torch.equal(result["visual.conv1.weight"], start["visual.conv1.weight"])
 
 
 # ------------------------------------------------------------------------------------------------ EMA

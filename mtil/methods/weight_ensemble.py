@@ -1,5 +1,7 @@
 """``--we``: weight ensembling (ZSCL). Every ``--avg-freq`` steps ``theta_we <- (n theta_we + theta) / (n + 1)``,
-starting from the task-start weights; at the task's end the model becomes ``theta_we`` (``--we-wise``:
+starting from the task-start weights, and once more with the final weights when the task's length is not a multiple
+of ``--avg-freq`` (the original dropped those steps: a task shorter than ``--avg-freq`` returned its start weights);
+at the task's end the model becomes ``theta_we`` (``--we-wise``:
 ``alpha theta_we + (1 - alpha) theta_start``, applied once). The running average is part of the resumable state,
 so a preempted run continues the same average from the *training* weights."""
 from __future__ import annotations
@@ -55,12 +57,20 @@ class WeightEnsemble(Component):
     def after_step(self, run) -> None:
         if run.state.step % self.config.avg_freq != 0:
             return
-        params = trainable_parameters(run.model)
+        self.fold_in(trainable_parameters(run.model))
+
+    def fold_in(self, params: dict[str, torch.Tensor]) -> None:
         for name, avg in self.average.items():
             avg.mul_(self.count / (self.count + 1)).add_(params[name].detach(), alpha=1 / (self.count + 1))
         self.count += 1
 
+    @torch.no_grad()
     def after_task(self, run, task) -> None:
+        if run.state.step % self.config.avg_freq != 0:
+            # The task's last steps came after the last averaging step (or it had fewer steps than --avg-freq,
+            # when the average would be the start weights alone): its final weights join the average, so no
+            # training is thrown away. For a task of a multiple of --avg-freq steps nothing changes.
+            self.fold_in(trainable_parameters(run.model))
         final = self.average
         if self.config.we_wise:
             final = interpolate(self.average, self.start, self.config.we_wise_alpha)
