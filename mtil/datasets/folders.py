@@ -121,15 +121,55 @@ def open_image_folder(root: Path, name: str) -> TaskData:
         openers = {"test": lambda: evaluation}
     names_file = root / "classnames.txt"
     if names_file.is_file():
-        classnames = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        if len(classnames) != len(classes):
-            raise UserError(f"{names_file} lists {len(classnames)} names but {classes_from} has "
-                            f"{len(classes)} class folders")
+        classnames = class_names_for_folders(names_file, classes, classes_from)
     else:
         classnames = readable_list(classes)
     if val_dir is not None:
         openers["val"] = lambda: _eval_folder(val_dir, classes, classes_from)
     return TaskData(name, classnames, GENERIC_TEMPLATES, openers)
+
+
+def _normal(name: str) -> str:
+    return name.replace("_", " ").strip().lower()
+
+
+def class_names_for_folders(names_file: Path, classes: list[str], classes_from: Path) -> list[str]:
+    """The readable name of each class folder (in ``classes``' order) from a class-names file, matched by name
+    wherever the file says which folder a name belongs to, so that no label is ever silently swapped:
+
+    - ``folder: name`` (or ``folder<TAB>name``) lines: by folder, in any order;
+    - plain names that are the folder names (ignoring case and ``_``/space): by name, in any order;
+    - other plain names: one per folder, in sorted folder order, refused when a name that is a folder's name
+      stands in another folder's place.
+    """
+    try:
+        text = names_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{names_file} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    folders = set(classes)
+    pairs = [re.split(r"\t|:\s*", line, maxsplit=1) for line in lines]
+    if lines and all(len(p) == 2 and p[0].strip() in folders for p in pairs):
+        mapping = {p[0].strip(): p[1].strip() for p in pairs}
+        missing = [c for c in classes if c not in mapping]
+        if missing or len(mapping) != len(pairs):
+            problem = f"misses {', '.join(missing[:5])}" if missing else "repeats a folder"
+            raise UserError(f"{names_file} maps folders to names but {problem} (class folders of {classes_from})")
+        return [mapping[c] for c in classes]
+    if len(lines) != len(classes):
+        raise UserError(f"{names_file} lists {len(lines)} names but {classes_from} has {len(classes)} class "
+                        f"folders: one name per folder, in sorted folder order, or 'folder: name' lines")
+    by_folder = {_normal(c): c for c in classes}
+    named = [by_folder.get(_normal(line)) for line in lines]
+    if all(named) and len(set(named)) == len(classes):
+        order = {folder: line for folder, line in zip(named, lines)}
+        return [order[c] for c in classes]
+    misplaced = [line for line, folder, c in zip(lines, named, classes) if folder is not None and folder != c]
+    if misplaced:
+        raise UserError(f"{names_file} names class folders out of their sorted order ({', '.join(misplaced[:3])}): "
+                        f"labels would be swapped; list every folder's name in sorted folder order, or write "
+                        f"'folder: name' lines")
+    return lines
 
 
 def _eval_folder(folder: Path, classes: list[str], classes_from: Path) -> ImageFolder:
