@@ -12,6 +12,7 @@ from torchvision.datasets import ImageFolder
 from mtil.datasets.base import TaskData, readable_list, reading_split, targets_of
 from mtil.datasets.classnames import IMAGENET_CLASSNAMES
 from mtil.datasets.registry import DatasetEntry, register, register_pattern
+from mtil.datasets.tolerant_folder import TolerantImageFolder
 from mtil.errors import UserError
 from mtil.templates import get_templates
 
@@ -111,12 +112,12 @@ def open_image_folder(root: Path, name: str) -> TaskData:
     val_dir = _first_existing(root, ("val", "validation"))
     if train_dir.is_dir():
         with reading_split("train"):
-            train = ImageFolder(str(train_dir), is_valid_file=_is_image)
+            train = TolerantImageFolder(str(train_dir), is_valid_file=_is_image)
         classes, classes_from = train.classes, train_dir
         openers = {"train": lambda: train, "test": lambda: _eval_folder(eval_dir, classes, train_dir)}
     else:  # evaluation only: the evaluation folder defines the classes
         with reading_split("test"):
-            evaluation = ImageFolder(str(eval_dir), is_valid_file=_is_image)
+            evaluation = TolerantImageFolder(str(eval_dir), is_valid_file=_is_image)
         classes, classes_from = evaluation.classes, eval_dir
         openers = {"test": lambda: evaluation}
     names_file = root / "classnames.txt"
@@ -173,7 +174,7 @@ def class_names_for_folders(names_file: Path, classes: list[str], classes_from: 
 
 
 def _eval_folder(folder: Path, classes: list[str], classes_from: Path) -> ImageFolder:
-    data = ImageFolder(str(folder), is_valid_file=_is_image)
+    data = TolerantImageFolder(str(folder), is_valid_file=_is_image)
     if data.classes != classes:
         raise UserError(f"{folder} has classes {data.classes[:5]}... which differ from {classes_from.name}/ "
                         f"{classes[:5]}...")
