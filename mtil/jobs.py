@@ -167,7 +167,10 @@ def summarize(args: argparse.Namespace) -> int:
     results = folder / "results.jsonl"
     if not results.is_file():
         raise UserError(f"--summarize {folder}: no results.jsonl there (it is written by runs with --save {folder})")
-    long, order = matrix_from_results(results)
+    try:
+        long, order = matrix_from_results(results)
+    except ValueError as exc:  # records whose accuracies are not numbers
+        raise UserError(f"--summarize {folder}: results.jsonl holds records mtil cannot read ({exc})") from None
     if long.empty or not order:
         raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")
     method = args.method if "method" in getattr(args, "_cli", ()) else _recorded_method(results) or args.method

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
@@ -402,7 +404,7 @@ class SequenceRunner:
         _say(run.log, f"[{label}] " + "  ".join(f"{r['dataset']} {r['top1']:.2f}" for r in rows))
         if after_task is not None and self.save_dir is not None and rows:
             path = self.save_dir / "accuracy_matrix.csv"
-            long = mx.read_matrix(path) if path.is_file() else mx.empty_matrix()
+            long = read_or_rebuild_matrix(path) if path.is_file() else mx.empty_matrix()
             mx.write_matrix(path, mx.upsert_rows(long, rows), run.state.sequence)
         return rows
 
@@ -509,13 +511,28 @@ class SequenceRunner:
         path = self.save_dir / "accuracy_matrix.csv"
         if not path.is_file():
             return
-        long = mx.read_matrix(path)
+        long = read_or_rebuild_matrix(path)
         trained = [name for name in run.state.sequence if name not in CAPTION_DATASETS]
         if not trained:  # e.g. contrastive pre-training: the matrix shows zero-shot ability before and after
             datasets = list(dict.fromkeys(long["dataset"]))
             print(mx.to_wide(long, datasets).round(2).to_string())
             return
         write_reports(self.save_dir, self.config.method, long, trained, run.log)
+
+
+def read_or_rebuild_matrix(path: Path):
+    """``accuracy_matrix.csv``, or when it is damaged the matrix rebuilt from the ``results.jsonl`` beside it
+    (which holds every evaluation), saying so; a one-line error when neither can be read."""
+    try:
+        return mx.read_matrix(path)
+    except (UnicodeDecodeError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        results = path.parent / "results.jsonl"
+        long = mx.matrix_from_results(results)[0] if results.is_file() else mx.empty_matrix()
+        if long.empty:
+            raise UserError(f"{path} is damaged ({type(exc).__name__}) and {results} holds no evaluations to rebuild "
+                            f"it from; move it away (the evaluations that follow write a new one)") from None
+        print(f"mtil: warning: {path} is damaged ({type(exc).__name__}); rebuilt from {results.name}", file=sys.stderr)
+        return long
 
 
 def chain_state(checkpoint: dict, config: argparse.Namespace) -> dict:

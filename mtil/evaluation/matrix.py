@@ -357,7 +357,7 @@ def matrix_from_results(results_jsonl_path: str | os.PathLike) -> tuple[pd.DataF
     cells: dict[tuple[int, str], dict[str, Any]] = {}
     sequences: list[list[str]] = []
     order: list[str] = []
-    with Path(results_jsonl_path).open() as handle:
+    with Path(results_jsonl_path).open(encoding="utf-8", errors="replace") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -368,11 +368,15 @@ def matrix_from_results(results_jsonl_path: str | os.PathLike) -> tuple[pd.DataF
                 continue
             if not isinstance(rec, dict) or rec.get("after_task") is None:
                 continue
-            seq = [str(s) for s in (rec.get("sequence") or [])]
+            try:
+                key = (int(rec["after_task"]), str(rec["dataset"]))
+                seq = [str(s) for s in (rec.get("sequence") or [])]
+            except (KeyError, TypeError, ValueError):
+                warnings.warn(f"{results_jsonl_path}:{lineno}: skipping a record without a valid after_task/dataset")
+                continue
             sequences.append(seq)
             if len(seq) >= len(order):
                 order = seq
-            key = (int(rec["after_task"]), str(rec["dataset"]))
             cells.pop(key, None)  # re-insert so the replacement takes the later position
             cells[key] = {"after_task": key[0], "dataset": key[1], "top1": rec.get("top1"),
                           "top5": rec.get("top5")}

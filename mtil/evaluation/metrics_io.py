@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,11 +24,48 @@ def metrics_path(save_dir: str | Path, dataset: str) -> Path:
 
 
 def read_metrics(path: str | Path) -> dict[int, tuple[float, float]]:
+    """The rows of a metrics file; a damaged one (undecodable, a bad row) is rebuilt from the ``results.jsonl``
+    beside it, which holds every evaluation, with a warning on stderr."""
     path = Path(path)
     if not path.is_file():
         return {}
-    with path.open(newline="") as handle:
-        return {int(row["iteration"]): (float(row["top1"]), float(row["top5"])) for row in csv.DictReader(handle)}
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return {int(row["iteration"]): (float(row["top1"]), float(row["top5"]))
+                    for row in csv.DictReader(handle)}
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, csv.Error) as exc:
+        dataset = path.stem.removeprefix("metrics_")
+        rows = metrics_from_results(path.parent / "results.jsonl", dataset)
+        print(f"mtil: warning: {path} is damaged ({type(exc).__name__}); rebuilt {len(rows)} row(s) from "
+              f"results.jsonl", file=sys.stderr)
+        return rows
+
+
+def read_result_records(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``results.jsonl``; undecodable bytes and torn or foreign lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def metrics_from_results(results: str | Path, dataset: str) -> dict[int, tuple[float, float]]:
+    rows = {}
+    for record in read_result_records(results):
+        try:
+            if safe_name(str(record["dataset"])) == dataset:
+                rows[int(record["iteration"])] = (float(record["top1"]), float(record["top5"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return rows
 
 
 def write_metric_row(save_dir: str | Path, dataset: str, iteration: int, top1: float, top5: float) -> Path:
@@ -49,6 +87,11 @@ def append_result_line(save_dir: str | Path, record: Mapping[str, Any], config: 
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "config": dict(config)},
                       default=str, sort_keys=False)
-    with path.open("a") as handle:
-        handle.write(line + "\n")
+    with path.open("a+b") as handle:
+        handle.seek(0, 2)
+        if handle.tell() > 0:
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":  # a torn last line (a crash or full disk mid-write): end it, so the
+                handle.write(b"\n")       # new record does not continue it and get lost with it
+        handle.write((line + "\n").encode("utf-8"))
     return path
