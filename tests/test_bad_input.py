@@ -43,6 +43,13 @@ def _config(tmp: Path, text: str) -> list[str]:
     return [*BASE, "--config", str(path)]
 
 
+def _non_utf8(tmp: Path, flag: str, name: str, text: bytes) -> list[str]:
+    path = tmp / name
+    path.write_bytes(text)
+    base = _without(BASE, "--train-dataset") if flag == "--sequence" else BASE
+    return [*base, flag, str(path)]
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
@@ -89,6 +96,9 @@ MISTAKES = [
      ["nothing to train"]),
     ("repeated-dataset", lambda t: [*BASE, "--train-dataset", "ToyShape,ToyShape"], ["ToyShape", "more than once"]),
     ("unsupported-device", lambda t: [*BASE, "--device", "meta"], ["--device", "meta"]),
+    ("sequence-not-utf8", lambda t: _non_utf8(t, "--sequence", "s.yaml", b"tasks:\n  - ToyShape\xff\xfe\n"),
+     ["--sequence", "s.yaml"]),
+    ("config-not-utf8", lambda t: _non_utf8(t, "--config", "c.yaml", b"lr: 0.1\xff\n"), ["--config", "c.yaml"]),
     ("device-xla", lambda t: [*BASE, "--device", "xla"], ["--device", "xla"]),
     ("negative-seed", lambda t: [*BASE, "--seed", "-1"], ["--seed", "-1"]),
     ("huge-seed", lambda t: [*BASE, "--seed", "1" * 31], ["--seed"]),
