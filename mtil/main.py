@@ -1,6 +1,11 @@
 """Entry point: flags -> resolved configuration -> the job (train a sequence, evaluate, classify one image, summarize)."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports: a SIGTERM/SIGUSR1 at start-up is a stop request, not death
+    from mtil.engine.preemption import install_early_handlers
+
+    install_early_handlers()
+
 import argparse
 import sys
 from typing import Sequence
@@ -27,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from mtil.hardware import set_threads
 
     set_threads(args.threads)
+    if args.summarize or args.eval_single or args.eval_only or not (args.train_dataset or args.sequence):
+        from mtil.engine.preemption import release_early_handlers
+
+        release_early_handlers()  # these jobs write no checkpoint: a stop signal ends them as usual
     if args.summarize:
         return jobs.summarize(args)
     if args.eval_single:

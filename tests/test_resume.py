@@ -342,3 +342,29 @@ def test_force_resume_refuses_what_the_interrupted_optimiser_cannot_carry(tmp_pa
         assert err.count("\n") == 1 and "--force-resume cannot carry" in err and change[0] in err, err
     assert {p.name: p.read_bytes() for p in save.iterdir()} == before
     assert main([*SHORT, "--lr", "2e-3", "--force-resume", "--save", str(save)]) == 0  # the lr can change
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_start_up_is_a_stop_request_not_death(tmp_path, signum):
+    """Sent while the process is still importing torch (before it could have reached training), the signal is kept
+    and honoured at the first step: exit 3 with a checkpoint, so train.sh requeues; it used to kill the process
+    (exit 143/138), which train.sh does not requeue. An evaluation-only job still ends on it as usual."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    save = tmp_path / "run"
+    train = [sys.executable, "-m", "mtil.main", "--model", "micro-vit", "--train-dataset", "ToyShape", "--iterations",
+             "3", "--batch-size", "4", "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu",
+             "--save", str(save)]
+    evaluate = [sys.executable, "-m", "mtil.main", "--model", "micro-vit", "--eval-only", "--eval-datasets",
+                "ToyShape", "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu"]
+    outputs = []
+    for argv, expected in ((train, {3}), (evaluate, {-signum, 128 + signum})):
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        time.sleep(0.8)  # python is up and the handlers are in; torch's import takes longer than this
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode in expected, (proc.returncode, out)
+        outputs.append(out)
+    assert f"stopped by {signal.Signals(signum).name} at ToyShape step 1" in outputs[0]
+    assert load(save / "latest.pth")["state"]["step"] == 1

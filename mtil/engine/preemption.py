@@ -1,6 +1,7 @@
 """SLURM preemption: on SIGUSR1 (``#SBATCH --signal=USR1@120``) or SIGTERM, save and exit at the next step."""
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 from typing import Iterator
@@ -12,19 +13,46 @@ class Preempted(Exception):
     """Raised by the loop after it saved the latest checkpoint in answer to a stop request."""
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
 class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self.signum = 0
 
     def request(self, signum: int = 0, frame=None) -> None:
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name if signum else "request"
 
 
+# A signal that arrives while the process is still starting (importing torch takes seconds) must not kill it:
+# ``python -m mtil.main`` installs these handlers first, and a training run takes the request over.
+EARLY = StopFlag()
+
+
+def install_early_handlers() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, EARLY.request)
+
+
+def release_early_handlers() -> None:
+    """For jobs that write no checkpoint: the default handling again, and a signal that came during start-up ends
+    the process as it would have."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    if EARLY.requested:
+        os.kill(os.getpid(), EARLY.signum)
+
+
 @contextmanager
-def stop_on_signals(flag: StopFlag, signals=(signal.SIGUSR1, signal.SIGTERM)) -> Iterator[StopFlag]:
-    """Install handlers that only set ``flag`` (the loop saves at a step boundary, never mid-update)."""
+def stop_on_signals(flag: StopFlag, signals=STOP_SIGNALS) -> Iterator[StopFlag]:
+    """Install handlers that only set ``flag`` (the loop saves at a step boundary, never mid-update); a signal
+    caught during start-up counts as a request."""
+    if EARLY.requested and not flag.requested:
+        flag.request(EARLY.signum)
     previous = {}
     for sig in signals:
         try:
