@@ -5,6 +5,7 @@ The valid files come from ``tests/fixtures/dataset_formats.py``; each test then 
 """
 from __future__ import annotations
 
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -203,3 +204,21 @@ def test_original_tool_names_in_other_spellings_and_other_names():
     assert "(ImageNet-R) is not built into mtil" in user_error(find_entry, "imagenet-r")
     assert "(iWildCam-WILDS) is not built into mtil" in user_error(find_entry, "iwildcam")
     assert user_error(find_entry, "ImageNetQ").startswith("unknown dataset 'ImageNetQ'")
+
+
+def test_image_folder_with_an_empty_class_folder_names_it(tmp_path):
+    root = tmp_path / "set"
+    fx.make_image_folder(root, 3, 2)
+    for image in (root / "train" / "class_001").iterdir():
+        image.unlink()
+    (root / "train" / "class_001" / "notes.txt").write_text("not an image")
+    message = user_error(check_readable, f"ImageFolder:{root}", tmp_path)
+    assert "class folder(s) class_001 in" in message and "hold no image" in message
+
+
+def test_image_folder_whose_test_split_lacks_a_class_names_it(tmp_path):
+    root = tmp_path / "set"
+    fx.make_image_folder(root, 3, 2)
+    shutil.rmtree(root / "test" / "class_002")
+    message = user_error(check_readable, f"ImageFolder:{root}", tmp_path)
+    assert "lacks class folder(s) class_002" in message

@@ -111,11 +111,13 @@ def open_image_folder(root: Path, name: str) -> TaskData:
         raise UserError(f"image folder {root} lacks {lacks}: expected {FOLDER_LAYOUT}")
     val_dir = _first_existing(root, ("val", "validation"))
     if train_dir.is_dir():
+        _refuse_empty_class_folders(train_dir)
         with reading_split("train"):
             train = TolerantImageFolder(str(train_dir), is_valid_file=_is_image)
         classes, classes_from = train.classes, train_dir
         openers = {"train": lambda: train, "test": lambda: _eval_folder(eval_dir, classes, train_dir)}
     else:  # evaluation only: the evaluation folder defines the classes
+        _refuse_empty_class_folders(eval_dir)
         with reading_split("test"):
             evaluation = TolerantImageFolder(str(eval_dir), is_valid_file=_is_image)
         classes, classes_from = evaluation.classes, eval_dir
@@ -174,11 +176,27 @@ def class_names_for_folders(names_file: Path, classes: list[str], classes_from: 
 
 
 def _eval_folder(folder: Path, classes: list[str], classes_from: Path) -> ImageFolder:
+    _refuse_empty_class_folders(folder)
     data = TolerantImageFolder(str(folder), is_valid_file=_is_image)
     if data.classes != classes:
-        raise UserError(f"{folder} has classes {data.classes[:5]}... which differ from {classes_from.name}/ "
-                        f"{classes[:5]}...")
+        missing = sorted(set(classes) - set(data.classes))
+        extra = sorted(set(data.classes) - set(classes))
+        parts = ([f"lacks class folder(s) {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"has class folder(s) {', '.join(extra[:5])} that {classes_from.name}/ lacks"] if extra else [])
+        raise UserError(f"{folder} {' and '.join(parts)}: its labels must be {classes_from.name}/'s (an image of "
+                        f"each class, or remove the class from both)")
     return data
+
+
+def _refuse_empty_class_folders(folder: Path) -> None:
+    """torchvision's message for a class folder without images names no folder; this one does."""
+    if not folder.is_dir():
+        return
+    empty = sorted(d.name for d in folder.iterdir()
+                   if d.is_dir() and not any(_is_image(str(f)) for f in d.rglob("*") if f.is_file()))
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(empty[:5])} in {folder} hold no image "
+                        f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder")
 
 
 @register_pattern(r"ImageFolder:(.+)")
