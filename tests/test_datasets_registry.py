@@ -258,7 +258,7 @@ def test_image_folder_bad_layouts(tmp_path):
         open_dataset(f"ImageFolder:{root}", tmp_path)
     (root / "classnames.txt").unlink()
     (root / "test" / "class_002").rename(root / "test" / "other")
-    with pytest.raises(UserError, match="differ"):
+    with pytest.raises(UserError, match=r"lacks class folder\(s\) class_002 and has class folder\(s\) other"):
         open_dataset(f"ImageFolder:{root}", tmp_path)
 
 
