@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mtil.args import path_flags, settings_of
@@ -147,13 +146,11 @@ def train(args: argparse.Namespace) -> int:
 
 def _recorded_method(results: Path) -> str | None:
     """The method of the last after-task evaluation in a results.jsonl (what a chain's links trained with)."""
+    from mtil.evaluation.metrics_io import read_result_records
+
     method = None
-    for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("after_task") is not None and record.get("method"):
+    for record in read_result_records(results):
+        if record.get("after_task") is not None and record.get("method"):
             method = str(record["method"])
     return method
 

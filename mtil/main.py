@@ -32,17 +32,19 @@ def run(args: argparse.Namespace) -> int:
     from mtil.hardware import set_threads
 
     set_threads(args.threads)
-    if args.summarize or args.eval_single or args.eval_only or not (args.train_dataset or args.sequence):
+    if args.summarize:
+        job = jobs.summarize
+    elif args.eval_single:
+        job = jobs.eval_single
+    elif args.eval_only or not (args.train_dataset or args.sequence):
+        job = jobs.evaluate
+    else:
+        job = jobs.train
+    if job is not jobs.train:
         from mtil.engine.preemption import release_early_handlers
 
         release_early_handlers()  # these jobs write no checkpoint: a stop signal ends them as usual
-    if args.summarize:
-        return jobs.summarize(args)
-    if args.eval_single:
-        return jobs.eval_single(args)
-    if args.eval_only or not (args.train_dataset or args.sequence):
-        return jobs.evaluate(args)
-    return jobs.train(args)
+    return job(args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ initialisation; a fixed number of threads; deterministic algorithms on a GPU; th
 its name). Another device or torch version computes in another floating-point order and writes slightly different
 weights; the file records where it was made. A GPU is used when there is one. The shipped file was made by the
 defaults on one NVIDIA H100 (torch 2.11): 6 minutes, the CPU side (fresh captions, tokenizing) being the limit;
-two runs side by side wrote identical weights. On 2 CPU cores expect about 30 minutes.
+two runs side by side there (7 000 steps, before the caption hold-out) wrote identical weights. On 2 CPU cores
+about 30 minutes (extrapolated, not timed).
 
     python scripts/pretrain_toyclip.py                    # the shipped model
     python scripts/pretrain_toyclip.py --steps 200 --out /tmp/toyclip.pt     # a quick look

@@ -14,7 +14,6 @@ from PIL import Image
 
 from mtil.datasets import registry, toyworld
 from mtil.datasets.base import TaskData
-from mtil.datasets.folders import FOLDER_LAYOUT
 from mtil.datasets.registry import DatasetEntry, check_readable, find_entry, open_dataset
 from mtil.errors import UserError
 from tests.fixtures import dataset_formats as fx

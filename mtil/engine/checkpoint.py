@@ -250,12 +250,10 @@ def load_resumable(path: str | Path) -> dict[str, Any]:
     missing = [k for k in RESUME_KEYS if k not in payload]
     if "optimizer" in payload:
         missing += [k for k in MID_TASK_KEYS if k not in payload]
-    if not missing and not isinstance(payload["state"], dict):
-        missing = ["state (not a dict)"]
     if not missing:
         try:
             TrainingState.from_dict(payload["state"])
-        except TypeError as exc:
+        except TypeError as exc:  # not a dict, or entries TrainingState does not have
             missing = [f"a valid state ({str(exc)[:60]})"]
     if missing:
         raise UserError(f"cannot resume from {path}: it lacks {', '.join(missing)} (damaged or not written by mtil)")

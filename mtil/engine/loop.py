@@ -67,11 +67,11 @@ class Progress:
 
 def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler | None, batch, guard: NonFiniteGuard | None = None,
-                      where: str = "") -> tuple[dict[str, torch.Tensor], bool]:
+                      where: str = "") -> dict[str, torch.Tensor]:
     """One step: every component's named loss terms (under ``--precision`` autocast), their float32 sum, backward
     (scaled for fp16, the gradients unscaled before the hooks see them), the numerical guard, ``after_backward``
-    hooks, the optimiser step. Returns the loss terms and whether the weights were updated (False: the guard
-    skipped a non-finite step). ``hooks``: hook name -> the components in that hook's order."""
+    hooks, the optimiser step (none when the guard skips a non-finite step). Returns the loss terms. ``hooks``:
+    hook name -> the components in that hook's order."""
     losses: dict[str, torch.Tensor] = {}
     with run.autocast():
         for component in hooks["loss"]:
@@ -96,7 +96,7 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()  # closes this step's unscale_ so the next step may scale again
-            return losses, False
+            return losses
     for component in hooks["after_backward"]:
         component.after_backward(run)
     if scaler is None:
@@ -104,7 +104,7 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
     else:
         scaler.step(optimizer)
         scaler.update()
-    return losses, True
+    return losses
 
 
 def train_steps(run: Run, task: TaskContext, components: Sequence[Method], stream_id: int, *,
@@ -133,8 +133,8 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
     try:
         guard = NonFiniteGuard(config.skip_nonfinite, state.nonfinite_skipped)
         for batch in loader:
-            losses, _ = optimization_step(run, hooks, optimizer, scaler, batch, guard,
-                                          where=f"{task.name} step {state.step + 1}/{task.total_steps}")
+            losses = optimization_step(run, hooks, optimizer, scaler, batch, guard,
+                                       where=f"{task.name} step {state.step + 1}/{task.total_steps}")
             state.nonfinite_skipped = guard.skipped
             task.scheduler.step()
             state.step += 1

@@ -202,29 +202,30 @@ class SequenceRunner:
         latest, previous = self.save_dir / LATEST, self.save_dir / PREVIOUS
         if not latest.is_file() and not previous.is_file():
             return None
-        try:
-            if not latest.is_file():
-                raise UserError(f"{latest} is missing")
-            saved = load_resumable(latest)
-            self.resumed_from, self.latest_is_good = latest, True
-            return saved
-        except UserError as damage:
-            tasks = sorted((p for p in self.save_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
-                           key=lambda p: p.stat().st_mtime, reverse=True)
-            for fallback in [previous, *tasks]:
-                if not fallback.is_file():
-                    continue
-                try:
-                    saved = load_resumable(fallback)
-                except UserError:
-                    continue
-                state = saved["state"]
-                print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
-                      f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
-                self.resumed_from = fallback
+        damage = f"{latest} is missing"
+        if latest.is_file():
+            try:
+                saved = load_resumable(latest)
+                self.resumed_from, self.latest_is_good = latest, True
                 return saved
-            raise UserError(f"{damage}, and {self.save_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
-                            f"checkpoint) to resume from; move the folder away to start over") from None
+            except UserError as exc:
+                damage = str(exc)
+        tasks = sorted((p for p in self.save_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        for fallback in [previous, *tasks]:
+            if not fallback.is_file():
+                continue
+            try:
+                saved = load_resumable(fallback)
+            except UserError:
+                continue
+            state = saved["state"]
+            print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
+                  f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
+            self.resumed_from = fallback
+            return saved
+        raise UserError(f"{damage}, and {self.save_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
+                        f"checkpoint) to resume from; move the folder away to start over")
 
     def _resumable(self, saved: dict) -> dict | None:
         """``saved`` if this command resumes it; None if it starts the next link of a chain; else a UserError."""
