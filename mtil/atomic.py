@@ -7,20 +7,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from mtil.errors import no_space_cause, no_space_error
+
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Write to a temporary file beside ``path``, then rename over it (rename is atomic on POSIX)."""
+    """Write to a temporary file beside ``path``, then rename over it (rename is atomic on POSIX). A full disk
+    leaves ``path`` untouched and raises :class:`~mtil.errors.NoSpaceError` naming it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # no inode or block left for even an empty file
+        cause = no_space_cause(exc)
+        if cause is not None:
+            raise no_space_error(path, cause) from None
+        raise
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = no_space_cause(exc)
+        if cause is not None:  # ``path`` is as it was: the temporary file is gone, the rename never happened
+            raise no_space_error(path, cause) from None
         raise

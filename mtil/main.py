@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from mtil.args import parse_args
-from mtil.errors import UserError
+from mtil.errors import UserError, no_space_cause, no_space_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except UserError as exc:
         print(f"mtil: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk outside mtil's own writers (a log line, a folder): still one line
+        cause = no_space_cause(exc)
+        if cause is None:
+            raise
+        print(f"mtil: error: {no_space_error(None, cause)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtil: interrupted", file=sys.stderr)

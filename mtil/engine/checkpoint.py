@@ -180,15 +180,22 @@ def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 6
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bool = False) -> Path:
-    """Write ``payload`` atomically. ``keep_previous``: the file it replaces stays as ``latest.prev.pth`` (a hard
-    link made before the new file is renamed in, so one good file always exists), and the new file is read back
-    (every zip record's CRC) before the call returns."""
+    """Write ``payload`` atomically. ``keep_previous``: the file it replaces becomes ``latest.prev.pth`` (a hard
+    link staged before the new file is written and renamed into place once it is, so a good file exists at every
+    instant and a failed write, a full disk say, changes neither), and the new file is read back (every zip
+    record's CRC) before the call returns."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    if keep_previous and path.is_file():
-        _keep_as_previous(path)
-    with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+    staged = _stage_previous(path) if keep_previous and path.is_file() else None
+    try:
+        with atomic_open(path, "wb") as handle:
+            torch.save(payload, handle)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        os.replace(staged, path.parent / PREVIOUS)
     if keep_previous:
         damaged = _damaged_record(path)
         if damaged:
@@ -197,15 +204,16 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     return path
 
 
-def _keep_as_previous(path: Path) -> None:
-    previous = path.parent / PREVIOUS
+def _stage_previous(path: Path) -> Path:
+    """A second name for ``path``'s current file, made before ``path`` is replaced (a copy where the file
+    system has no hard links)."""
     staged = path.parent / f".{PREVIOUS}.link.tmp"
     staged.unlink(missing_ok=True)
     try:
         os.link(path, staged)
-    except OSError:  # a file system without hard links: a copy
+    except OSError:
         shutil.copyfile(path, staged)
-    os.replace(staged, previous)
+    return staged
 
 
 def _damaged_record(path: Path) -> str | None:

@@ -45,7 +45,7 @@ from mtil.engine.run import TASK_SETTINGS, Run, TaskContext, TaskSettings
 from mtil.engine.schedule import warmup_cosine
 from mtil.engine.state import TrainingState
 from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, task_settings
-from mtil.errors import UserError
+from mtil.errors import UserError, no_space_cause, no_space_error
 from mtil.evaluation import matrix as mx
 from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
@@ -58,6 +58,16 @@ from mtil.models.train_modes import select_trainable, trainable_names, trains_te
 from mtil.seeding import seed_everything
 
 
+class _LogFile(logging.FileHandler):
+    """``train.log``; a full disk stops the run with mtil's one line instead of logging's traceback per record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        cause = no_space_cause(sys.exc_info()[1])
+        if cause is not None:
+            raise no_space_error(self.baseFilename, cause) from None
+        super().handleError(record)
+
+
 def _logger(save_dir: Path | None) -> logging.Logger:
     log = logging.getLogger("mtil.train")
     log.setLevel(logging.INFO)
@@ -67,7 +77,7 @@ def _logger(save_dir: Path | None) -> logging.Logger:
         handler.close()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(save_dir / "train.log")
+        handler = _LogFile(save_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     return log

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mtil.atomic import atomic_open
+from mtil.errors import no_space_cause, no_space_error
 
 METRIC_COLUMNS = ("iteration", "top1", "top5")
 
@@ -87,11 +88,17 @@ def append_result_line(save_dir: str | Path, record: Mapping[str, Any], config: 
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "config": dict(config)},
                       default=str, sort_keys=False)
-    with path.open("a+b") as handle:
-        handle.seek(0, 2)
-        if handle.tell() > 0:
-            handle.seek(-1, 2)
-            if handle.read(1) != b"\n":  # a torn last line (a crash or full disk mid-write): end it, so the
-                handle.write(b"\n")       # new record does not continue it and get lost with it
-        handle.write((line + "\n").encode("utf-8"))
+    try:
+        with path.open("a+b") as handle:
+            handle.seek(0, 2)
+            if handle.tell() > 0:
+                handle.seek(-1, 2)
+                if handle.read(1) != b"\n":  # a torn last line (a crash or full disk mid-write): end it, so the
+                    handle.write(b"\n")       # new record does not continue it and get lost with it
+            handle.write((line + "\n").encode("utf-8"))
+    except OSError as exc:
+        cause = no_space_cause(exc)
+        if cause is not None:  # at worst a torn last line, which the next append ends and the readers skip
+            raise no_space_error(path, cause) from None
+        raise
     return path
