@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from mtil.datasets.tolerant import TolerantDataset
 from mtil.datasets import classnames as C
 from mtil.datasets import registry, toyworld
 from mtil.datasets.folders import FOLDER_LAYOUT, IMAGENET_LAYOUT
@@ -183,7 +184,8 @@ def test_seeded_split_is_disjoint_and_reproducible(tmp_path, name):
     spec.make(tmp_path, spec.classes, spec.per_class)
     total = spec.classes * spec.per_class
     first = _open(name, tmp_path)
-    train, test = first.raw("train"), first.raw("test")
+    assert isinstance(first.raw("train"), TolerantDataset)  # damaged images are skipped within the split
+    train, test = first.raw("train").dataset, first.raw("test").dataset
     assert isinstance(train, Subset) and isinstance(test, Subset)
     assert _base(train) is _base(test) and len(_base(train)) == total
     assert set(train.indices).isdisjoint(test.indices)
@@ -196,8 +198,8 @@ def test_seeded_split_is_disjoint_and_reproducible(tmp_path, name):
     registry._OPEN.clear()
     again = _open(name, tmp_path)
     assert again is not first
-    assert list(again.raw("train").indices) == list(train.indices)
-    assert list(again.raw("test").indices) == list(test.indices)
+    assert list(again.raw("train").dataset.indices) == list(train.indices)
+    assert list(again.raw("test").dataset.indices) == list(test.indices)
 
 
 # --------------------------------------------------------------------------- #

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from mtil.datasets.tolerant import TolerantDataset
 from mtil.errors import UserError
 
 SPLITS = ("train", "test")
@@ -94,6 +95,8 @@ def targets_of(dataset: Any) -> list[int]:
         return [parent[i] for i in dataset.indices]
     if isinstance(dataset, Transformed):
         return targets_of(dataset.raw)
+    if isinstance(dataset, TolerantDataset):
+        return targets_of(dataset.dataset)
     for attribute in ("targets", "_labels", "y", "labels"):
         values = getattr(dataset, attribute, None)
         if values is not None:

@@ -12,7 +12,7 @@ from torchvision.datasets import ImageFolder
 from mtil.datasets.base import TaskData, readable_list, reading_split, targets_of
 from mtil.datasets.classnames import IMAGENET_CLASSNAMES
 from mtil.datasets.registry import DatasetEntry, register, register_pattern
-from mtil.datasets.tolerant_folder import TolerantImageFolder
+from mtil.datasets.tolerant import TolerantImageFolder
 from mtil.errors import UserError
 from mtil.templates import get_templates
 

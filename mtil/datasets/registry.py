@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from mtil.datasets.base import MissingSplit, TaskData, reading_split, split_of
+from mtil.datasets.tolerant import TolerantDataset, file_of
 from mtil.errors import UserError
 
 
@@ -141,7 +142,8 @@ def check_readable(name: str, location: str | Path, download: bool = False,
                 if len(dataset) == 0:
                     raise UserError(f"{name} {split} split under {_where(entry, location)} has no images: "
                                     f"expected {entry.layout}")
-                item = dataset[0]
+                strict = dataset.dataset if isinstance(dataset, TolerantDataset) else dataset
+                item = strict[0]  # the first image decoded strictly: a damaged one is named, not skipped
                 image = item[0] if isinstance(item, (tuple, list)) else item
                 if isinstance(image, Image.Image):
                     image.load()  # PIL decodes lazily: make it decode the pixels now
@@ -236,17 +238,7 @@ def _failure(entry: DatasetEntry, name: str, location: str | Path, download: boo
 
 def _first_file(dataset: Any) -> str | None:
     """The file behind item 0 of a torchvision dataset, where it keeps a file list (for the message only)."""
-    index = 0
-    while isinstance(dataset, Subset):
-        if len(dataset.indices) == 0:
-            return None
-        index, dataset = int(dataset.indices[index]), dataset.dataset
-    for attribute in ("samples", "_samples", "_image_files", "imgs"):
-        files = getattr(dataset, attribute, None)
-        if isinstance(files, (list, tuple)) and len(files) > index:
-            entry = files[index]
-            return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
-    return None
+    return file_of(dataset, 0)
 
 
 def _ensure_loaded() -> None:

@@ -13,11 +13,17 @@ from torchvision import datasets as tv
 from mtil.datasets import classnames as names
 from mtil.datasets.base import TaskData, reading_split, seeded_split
 from mtil.datasets.registry import register
+from mtil.datasets.tolerant import TolerantDataset
 from mtil.templates import get_templates
 
 
 def _task(name: str, classnames: list[str], openers: dict) -> TaskData:
-    return TaskData(name, list(classnames), get_templates(name), openers)
+    """The task, each split's images read through ``TolerantDataset``: a damaged image met mid-run is skipped
+    with a warning instead of ending the run (``check_readable`` still decodes the first one strictly)."""
+    tolerant = {split: (lambda open_split=open_split, split=split:
+                        TolerantDataset(open_split(), f"{name} {split} split"))
+                for split, open_split in openers.items()}
+    return TaskData(name, list(classnames), get_templates(name), tolerant)
 
 
 @register("Aircraft", "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_train.txt, "
