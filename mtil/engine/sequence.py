@@ -466,8 +466,12 @@ class SequenceRunner:
 
     def _train_one_task(self, run: Run) -> None:
         state = run.state
-        task = self._start_task(run)
         resuming_mid_task = self.resumed is not None and state.step > 0 and "optimizer" in self.resumed
+        if self.resumed is not None and not resuming_mid_task and "rng" in self.resumed:
+            # a resume at a task boundary continues the random streams from where the saved run left them (as a
+            # run that was never stopped would), not from the fresh seeding of start-up
+            restore_rng(self.resumed["rng"])
+        task = self._start_task(run)
         if resuming_mid_task:
             # the interface's contract: on a mid-task resume the method state overrides what before_task rebuilt.
             for component in self.components:

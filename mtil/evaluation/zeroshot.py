@@ -104,6 +104,9 @@ class ZeroShotEvaluator:
             self._loaders[name] = DataLoader(
                 dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=False,
+                # its own generator: an evaluation pass must not draw from the global torch RNG (the loader takes
+                # a worker base seed from it), or training after an evaluation would depend on how many ran
+                generator=torch.Generator().manual_seed(self.seed),
             )
         return self._loaders[name]
 
