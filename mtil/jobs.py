@@ -158,7 +158,7 @@ def _recorded_method(results: Path) -> str | None:
 def summarize(args: argparse.Namespace) -> int:
     """Matrix, summary and heat map from the results.jsonl a run or a chain of one-task runs left in a folder."""
     from mtil.engine.sequence import write_reports
-    from mtil.evaluation.matrix import matrix_from_results, write_matrix
+    from mtil.evaluation.matrix import matrix_from_results, summarize as matrix_metrics, write_matrix
 
     folder = Path(args.summarize)
     results = folder / "results.jsonl"
@@ -166,7 +166,9 @@ def summarize(args: argparse.Namespace) -> int:
         raise UserError(f"--summarize {folder}: no results.jsonl there (it is written by runs with --save {folder})")
     try:
         long, order = matrix_from_results(results)
-    except ValueError as exc:  # records whose accuracies are not numbers
+        if not long.empty and order:
+            matrix_metrics(long, order, partial=True)  # rows beyond the order's tasks, a dataset twice in it
+    except ValueError as exc:  # records whose accuracies are not numbers, or a matrix no sequence can have
         raise UserError(f"--summarize {folder}: results.jsonl holds records mtil cannot read ({exc})") from None
     if long.empty or not order:
         raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")

@@ -19,8 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return run(args)
-    except UserError as exc:
-        print(f"mtil: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # a file name or value with a line break in it stays on the one line
+        print("mtil: error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk outside mtil's own writers (a log line, a folder): still one line
         cause = no_space_cause(exc)

@@ -63,6 +63,15 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def _is_plain(value) -> bool:
+    """True for what :func:`_plain` makes: str, numbers, None, and lists and str-keyed dicts of them."""
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
 def _plain(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -73,15 +82,33 @@ def _plain(value):
     return str(value)
 
 
-def _resolve_folder_names(value: Any) -> Any:
+def _expanded(text: str, key: str) -> Path:
+    """``Path(text).expanduser()``; a UserError naming the flag for ``~name`` of no such user."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserError(f"--{key.replace('_', '-')} {text!r}: cannot expand {text.split('/')[0]!r} (no such user)"
+                        ) from None
+
+
+def _absolute(text: str, key: str) -> str:
+    """``text`` as a resolved absolute path; a UserError naming the flag when it has none."""
+    path = _expanded(text, key)
+    try:
+        return str(path.resolve())
+    except (RuntimeError, ValueError) as exc:  # a symlink loop; a NUL character (from a --config file)
+        raise UserError(f"--{key.replace('_', '-')} {text!r}: not a usable path ({exc})") from None
+
+
+def _resolve_folder_names(value: Any, key: str) -> Any:
     """``ImageFolder:rel/path`` -> ``ImageFolder:/abs/path`` inside a dataset name or a list of them."""
     if isinstance(value, list):
-        return [_resolve_folder_names(v) for v in value]
+        return [_resolve_folder_names(v, key) for v in value]
     if isinstance(value, str) and FOLDER_PREFIX in value:
         parts = []
         for part in value.split(","):
             if part.strip().startswith(FOLDER_PREFIX):
-                part = FOLDER_PREFIX + str(Path(part.strip()[len(FOLDER_PREFIX):]).expanduser().resolve())
+                part = FOLDER_PREFIX + _absolute(part.strip()[len(FOLDER_PREFIX):], key)
             parts.append(part)
         return ",".join(parts)
     return value
@@ -95,12 +122,12 @@ def normalize_paths(config: dict[str, Any], path_keys: Iterable[str]) -> dict[st
         value = out.get(key)
         if not isinstance(value, str) or not value:
             continue
-        if key in MODEL_OR_FILE and not Path(value).expanduser().is_file():
+        if key in MODEL_OR_FILE and not _expanded(value, key).is_file():
             continue  # a model name such as ViT-B/16
-        out[key] = str(Path(value).expanduser().resolve())
+        out[key] = _absolute(value, key)
     for key in DATASET_FLAGS:
         if key in out:
-            out[key] = _resolve_folder_names(out[key])
+            out[key] = _resolve_folder_names(out[key], key)
     return out
 
 
@@ -247,6 +274,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _valid_record(config: Any) -> bool:
+    """A configuration record as :func:`config_for_checkpoint` writes it (plain values; its derived entries of
+    their types), so that comparing it with this command's cannot fail."""
+    settings = config.get("task_settings") if isinstance(config, dict) else None
+    return (isinstance(config, dict) and _is_plain(config)
+            and isinstance(config.get("record_version", 1), (int, float))
+            and isinstance(settings or [], list) and all(isinstance(t, dict) for t in settings or []))
+
+
 RESUME_KEYS = ("arch", "model", "state", "config")
 MID_TASK_KEYS = ("optimizer", "scheduler", "rng")
 
@@ -263,6 +299,22 @@ def load_resumable(path: str | Path) -> dict[str, Any]:
             TrainingState.from_dict(payload["state"])
         except TypeError as exc:  # not a dict, or entries TrainingState does not have
             missing = [f"a valid state ({str(exc)[:60]})"]
+        if not _valid_record(payload["config"]):
+            missing.append("a valid config")
     if missing:
         raise UserError(f"cannot resume from {path}: it lacks {', '.join(missing)} (damaged or not written by mtil)")
+    from mtil.models.clip_loading import weights_architecture
+    from mtil.models.heads import head_from_state
+
+    try:  # the weights are tensors of the recorded architecture (a damaged record never builds a giant model)
+        weights_architecture(payload["model"], payload["arch"], "its weights")
+    except UserError as exc:
+        raise UserError(f"cannot resume from {path}: {exc}") from None
+    heads = payload.get("heads")
+    entries = [] if heads is None else heads.values() if isinstance(heads, dict) else [heads]
+    try:  # the heads learned so far (small: read them now rather than after the run's folder is written to)
+        for entry in entries:
+            head_from_state(entry)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot resume from {path}: a learned head cannot be read ({str(exc)[:80]})") from None
     return payload

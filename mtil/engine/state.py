@@ -1,7 +1,9 @@
 """TrainingState: the counters a checkpoint or a signal handler needs to know where a run stands."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+_KINDS = {"list[str]": list, "int": int, "bool": bool, "dict": dict}  # of the annotations below
 
 
 @dataclass
@@ -40,4 +42,10 @@ class TrainingState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainingState":
-        return cls(**d)
+        """The state a checkpoint recorded; a TypeError when an entry is missing, unknown or of another type."""
+        state = cls(**d)
+        for f in fields(cls):
+            value = getattr(state, f.name)
+            if f.type in _KINDS and not isinstance(value, _KINDS[f.type]):
+                raise TypeError(f"{f.name} is {type(value).__name__}, not {f.type}")
+        return state

@@ -42,7 +42,7 @@ def read_sequence_file(path: str | Path, builtin: bool = False) -> list[TaskSpec
         if not isinstance(entry, dict) or "dataset" not in entry:
             raise UserError(f"--sequence file {path}: task {number} needs a 'dataset' name")
         overrides = {k: v for k, v in entry.items() if k != "dataset"}
-        unknown = sorted(set(overrides) - set(TASK_SETTINGS))
+        unknown = sorted(set(overrides) - set(TASK_SETTINGS), key=str)  # keys may be numbers, dates, null
         if unknown:
             raise UserError(f"--sequence file {path}: task {number} sets {unknown}; per-task settings "
                             f"accepted: {', '.join(TASK_SETTINGS)}")

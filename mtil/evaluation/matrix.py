@@ -64,7 +64,10 @@ def _normalize(long: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame
     df = df[list(MATRIX_COLUMNS)].reset_index(drop=True)
     if df["after_task"].isna().any():
         raise ValueError("matrix has rows with an empty after_task")
-    df["after_task"] = df["after_task"].astype("int64")
+    try:
+        df["after_task"] = df["after_task"].astype("int64")
+    except (OverflowError, TypeError) as exc:  # 99999999999999999999, or not a number at all
+        raise ValueError(f"matrix has an after_task that is not a task number ({exc})") from None
     df["dataset"] = df["dataset"].astype(str)
     df["top1"] = pd.to_numeric(df["top1"], errors="coerce").astype("float64")
     df["top5"] = pd.to_numeric(df["top5"], errors="coerce").astype("float64")
@@ -363,7 +366,7 @@ def matrix_from_results(results_jsonl_path: str | os.PathLike) -> tuple[pd.DataF
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # torn or foreign, 5000 digits, thousands of nested brackets
                 warnings.warn(f"{results_jsonl_path}:{lineno}: skipping undecodable line")
                 continue
             if not isinstance(rec, dict) or rec.get("after_task") is None:
@@ -371,7 +374,9 @@ def matrix_from_results(results_jsonl_path: str | os.PathLike) -> tuple[pd.DataF
             try:
                 key = (int(rec["after_task"]), str(rec["dataset"]))
                 seq = [str(s) for s in (rec.get("sequence") or [])]
-            except (KeyError, TypeError, ValueError):
+                if not 0 <= key[0] < 2**63:
+                    raise ValueError(f"after_task {key[0]}")
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an after_task of 1e400
                 warnings.warn(f"{results_jsonl_path}:{lineno}: skipping a record without a valid after_task/dataset")
                 continue
             sequences.append(seq)

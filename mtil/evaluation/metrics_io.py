@@ -51,7 +51,7 @@ def read_result_records(path: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # torn, foreign, 5000 digits, thousands of nested brackets
             continue
         if isinstance(record, dict):
             records.append(record)
@@ -64,7 +64,7 @@ def metrics_from_results(results: str | Path, dataset: str) -> dict[int, tuple[f
         try:
             if safe_name(str(record["dataset"])) == dataset:
                 rows[int(record["iteration"])] = (float(record["top1"]), float(record["top5"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an iteration of 1e400
             continue
     return rows
 

@@ -87,6 +87,22 @@ def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+# What a --load reads of an mtil checkpoint besides the weights (the task history, the learned heads, the step), by
+# the type it must have when present.
+CHECKPOINT_ENTRIES = {"state": dict, "config": dict, "heads": dict, "iteration": int}
+STATE_ENTRIES = {"completed": list, "global_step": int, "base": dict}
+
+
+def _odd_entry(rest: Mapping[str, Any]) -> str | None:
+    """``'name' is <type>`` for the first entry of ``CHECKPOINT_ENTRIES`` (or of its state) of another type."""
+    state = rest.get("state") if isinstance(rest.get("state"), dict) else {}
+    for prefix, entries, holder in (("", CHECKPOINT_ENTRIES, rest), ("state.", STATE_ENTRIES, state)):
+        for key, kind in entries.items():
+            if key in holder and not isinstance(holder[key], kind):
+                return f"'{prefix}{key}' is {type(holder[key]).__name__}, not {kind.__name__}"
+    return None
+
+
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read any supported weights file: returns (CLIP state dict, the rest of an mtil checkpoint or {})."""
     path = Path(path)
@@ -107,7 +123,12 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not isinstance(payload, Mapping):
         raise UserError(f"cannot read {path}: expected a dict of weights, found {type(payload).__name__}")
     if payload.get("format") == "mtil-checkpoint":
+        if not isinstance(payload.get("model"), Mapping):
+            raise UserError(f"cannot read {path}: an mtil checkpoint without its model weights (damaged?)")
         rest = {k: v for k, v in payload.items() if k != "model"}
+        odd = _odd_entry(rest)
+        if odd:
+            raise UserError(f"cannot read {path}: its entry {odd} (damaged?)")
         return _clean_state_dict(payload["model"]), rest
     if "state_dict" in payload and isinstance(payload["state_dict"], Mapping):  # original ZSCL format
         payload = payload["state_dict"]
@@ -117,12 +138,46 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return state_dict, {}
 
 
-def model_from_state_dict(state_dict: dict[str, torch.Tensor], arch: Architecture | None = None) -> CLIP:
+def _same(recorded: Any, value: Any) -> bool:
+    """``recorded == value`` for plain values, never comparing a tensor (a damaged record may hold one)."""
+    if isinstance(value, list):
+        return (isinstance(recorded, (list, tuple)) and len(recorded) == len(value)
+                and all(_same(r, v) for r, v in zip(recorded, value)))
+    return type(recorded) is type(value) and recorded == value
+
+
+def weights_architecture(state_dict: Any, recorded: Any = None, source: str = "weights") -> Architecture:
+    """The architecture of a CLIP state dict, from its shapes; an mtil checkpoint's recorded ``arch`` must be that
+    one. A one-line UserError naming ``source`` when an entry is not a tensor, an entry is missing, or the record
+    is damaged (so that a flipped size never builds a giant model)."""
+    if not isinstance(state_dict, Mapping):
+        raise UserError(f"{source} are not a dict of tensors but {type(state_dict).__name__}")
+    odd = next((k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise UserError(f"{source}: entry {odd!r} is {type(state_dict[odd]).__name__}, not a tensor (damaged?)")
     try:
-        arch = arch or architecture_from_state_dict(state_dict)
+        arch = architecture_from_state_dict(state_dict)
     except KeyError as exc:
-        raise UserError(f"weights are not a complete CLIP state dict (no {exc.args[0]!r})") from None
-    model = build_clip(arch)
+        raise UserError(f"{source} are not a complete CLIP state dict (no {exc.args[0]!r})") from None
+    except (IndexError, TypeError):  # an entry of the wrong rank or size
+        raise UserError(f"{source} are not a CLIP state dict (an entry has the wrong shape)") from None
+    if recorded is not None:
+        shapes = arch.to_dict()
+        wrong = [k for k, v in shapes.items() if not isinstance(recorded, Mapping) or not _same(recorded.get(k), v)]
+        if wrong:
+            shown = recorded.get(wrong[0]) if isinstance(recorded, Mapping) else recorded
+            raise UserError(f"{source}: the recorded architecture does not match the weights ({wrong[0]} "
+                            f"{shown!r:.40}, the weights' shapes give {shapes[wrong[0]]}); the file is damaged")
+    return arch
+
+
+def model_from_state_dict(state_dict: dict[str, torch.Tensor], arch: Architecture | None = None) -> CLIP:
+    arch = arch or weights_architecture(state_dict)
+    try:
+        model = build_clip(arch)
+    except (ValueError, TypeError, ZeroDivisionError) as exc:  # shapes no CLIP has, e.g. a width of 0
+        raise UserError(f"weights do not describe a CLIP mtil can build ({type(exc).__name__}: {str(exc)[:80]})"
+                        ) from None
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -171,8 +226,7 @@ def load_clip(
     checkpoint: dict[str, Any] = {}
     if load:
         state_dict, checkpoint = read_weights_file(load)
-        arch = Architecture.from_dict(checkpoint["arch"]) if "arch" in checkpoint else None
-        arch = arch or architecture_from_state_dict(state_dict)
+        arch = weights_architecture(state_dict, checkpoint.get("arch"), f"--load {load}")
         if name_given:
             check_model_matches(name, arch, load)
         model = model_from_state_dict(state_dict, arch)
@@ -194,9 +248,8 @@ def load_clip(
         loaded = LoadedModel(model, architecture_from_state_dict(state_dict), f"OpenAI {name} from {path}")
     elif Path(name).is_file():
         state_dict, checkpoint = read_weights_file(name)
-        arch = Architecture.from_dict(checkpoint["arch"]) if "arch" in checkpoint else None
-        model = model_from_state_dict(state_dict, arch)
-        loaded = LoadedModel(model, arch or architecture_from_state_dict(state_dict), f"file {name}", checkpoint)
+        arch = weights_architecture(state_dict, checkpoint.get("arch"), f"--model {name}")
+        loaded = LoadedModel(model_from_state_dict(state_dict, arch), arch, f"file {name}", checkpoint)
     else:
         raise UserError(f"unknown --model {name!r}; valid names: {', '.join(model_names())}, or a path to a weights file")
     loaded.model.to(device)

@@ -103,6 +103,8 @@ def head_state(head: Head) -> dict[str, Any]:
 def head_from_state(state: dict[str, Any]) -> Head:
     """The inverse of :func:`head_state`; also reads the bare ``{"linear.weight", "linear.bias"}`` entries of
     checkpoints written before heads had kinds."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a head entry is {type(state).__name__}, not a dict")
     if "kind" not in state and "linear.weight" in state:
         state = {"kind": "linear", "tensors": state}
     kind = state.get("kind")

@@ -89,7 +89,7 @@ def is_torchscript_archive(path: str | Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError):  # ValueError: a damaged file name (UnicodeDecodeError)
         return False
     return any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names)
 
