@@ -221,3 +221,24 @@ def test_image_folder_whose_test_split_lacks_a_class_names_it(tmp_path):
     shutil.rmtree(root / "test" / "class_002")
     message = user_error(check_readable, f"ImageFolder:{root}", tmp_path)
     assert "lacks class folder(s) class_002" in message
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16", "CMYK", "1"])
+def test_image_folder_reads_any_pil_mode_as_rgb(tmp_path, mode):
+    """RGBA, grayscale, palette, 16-bit and CMYK images in a folder train and evaluate like RGB ones."""
+    from mtil.models.transforms import eval_transform
+
+    root = tmp_path / "set"
+    fx.make_image_folder(root, 2, 2, splits=("train", "test"))
+    odd = sorted((root / "train" / "class_001").iterdir())[0]
+    odd.unlink()
+    colour = Image.new("RGB", (16, 16), (200, 30, 30))
+    converted = colour.convert(mode) if mode != "I;16" else colour.convert("L").convert("I;16")
+    target = odd.with_suffix(".jpg" if mode == "CMYK" else ".png")
+    converted.save(target)
+    assert Image.open(target).mode == mode
+    data = check_readable(f"ImageFolder:{root}", tmp_path)
+    dataset = data.dataset("train", eval_transform(32))
+    index = [Path(p).name for p, _ in data.raw("train").samples].index(target.name)
+    tensor, label = dataset[index]
+    assert tensor.shape == (3, 32, 32) and tensor.isfinite().all() and label == 1
