@@ -103,3 +103,22 @@ def test_a_transient_non_finite_step_is_skipped_when_allowed(tmp_path, monkeypat
     assert checkpoint["state"]["nonfinite_skipped"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert "step skipped (1 of --skip-nonfinite 1 used)" in (save / "train.log").read_text()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "1e6"],
+    ["--l2", "3e38"],
+    ["--lora", "--lora-alpha", "1e30"],
+    ["--method", "ZSCL", "--ref-dataset", "ToyCaptions", "--ref-sentences", "ToyCaptions",
+     "--ref-sentences-count", "20", "--T", "1e30"],
+], ids=["huge-lr", "huge-l2", "huge-lora-alpha", "huge-T"])
+def test_every_exploding_setting_stops_at_its_step_and_writes_only_finite_weights(flags, tmp_path, capsys):
+    """The settings the original trained on to the end with NaN: each stops with one line and exit code 2."""
+    save = tmp_path / "run"
+    assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "3", *flags, "--save", str(save)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ToyShape step" in err[0] and "not finite" in err[0], err
+    assert not (save / "ToyShape.pth").exists()
+    for path in save.glob("*.pth"):
+        weights = load(path)["model"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path.name
