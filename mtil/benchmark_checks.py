@@ -2,8 +2,8 @@
 ``scripts/bench_toyworld.py``).
 
 1. Every task is learned: right after training it, fine-tuning's accuracy is at least chance + 40 points.
-2. Fine-tuning measurably forgets the zero-shot ability: its Transfer is below the zero-shot model's by more than
-   three of its standard deviations over seeds, and it keeps at most three quarters of that Transfer above chance.
+2. Fine-tuning loses most of the zero-shot ability: its Transfer is below the zero-shot model's by more than
+   three of its standard deviations over seeds, and it keeps less than half of that Transfer above chance.
 3. ZSCL keeps clearly more: its Transfer exceeds fine-tuning's by more than three standard deviations (the
    larger of the two methods' spreads over seeds) ...
 4. ... without paying for it in Last: its Last is at most 5 points below fine-tuning's (above is allowed: a method
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from mtil.datasets.toyworld import TASKS
 
 LEARNED_MARGIN = 40.0
-KEEPS_AT_MOST = 0.75
+KEEPS_AT_MOST = 0.5
 STD_GAP = 3.0
 LAST_WITHIN = 5.0
 
@@ -55,8 +55,8 @@ def check_rows(rows: list[dict], order: list[str]) -> list[Check]:
         kept = (ft["transfer"] - floor) / max(zs["transfer"] - floor, 1e-9)
         gap = zs["transfer"] - ft["transfer"]
         spread = max(ft["transfer_std"], 0.1)
-        checks.append(Check("fine-tuning measurably forgets the zero-shot Transfer",
-                            kept <= KEEPS_AT_MOST and gap > STD_GAP * spread,
+        checks.append(Check("fine-tuning loses most of the zero-shot Transfer",
+                            kept < KEEPS_AT_MOST and gap > STD_GAP * spread,
                             f"{ft['transfer']:.1f} vs the zero-shot model's {zs['transfer']:.1f}: gap {gap:.1f} = "
                             f"{gap / spread:.1f} std; keeps {kept:.0%} of it above chance ({floor:.1f})"))
     if "finetune" in by and "ZSCL" in by:
