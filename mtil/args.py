@@ -5,8 +5,8 @@ The core groups live here; each method and component adds its own group from its
 README and its code disagreed, and researchers' scripts use both.
 
 Where a value comes from: the command line wins over ``--config FILE.yaml``, which wins over the defaults. The
-parsed namespace carries three private entries (never saved as settings): ``_cli`` and ``_file`` (the flags the
-command line and the config file set) and ``_defaults`` (every flag's default).
+parsed namespace carries four private entries (never saved as settings): ``_cli`` and ``_file`` (the flags the
+command line and the config file set), ``_defaults`` (every flag's default) and ``_argv`` (the command line).
 """
 from __future__ import annotations
 
@@ -107,6 +107,16 @@ energy_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "e
 def name_list(text: str) -> list[str]:
     """``'a, b,,c'`` -> ``['a', 'b', 'c']``."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def seed_list(text: str) -> list[int]:
+    """``'1,2,3'`` -> ``[1, 2, 3]``: distinct seeds (argparse reports the flag)."""
+    seeds = [seed_int(item) for item in name_list(text)]
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, e.g. 1,2,3, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
+    return seeds
 
 
 LR_PARTS = ("image", "text", "head")
@@ -215,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--log-every", type=non_negative_int, default=50,
              help="Print a progress line (loss terms, lr, images/s, ETA) every N steps, also when stdout is not a "
                   "terminal, e.g. in a SLURM log (0: never).")
+
+    g = parser.add_argument_group(
+        "Few-shot", "The few-shot protocol of the CoOp lineage on any dataset, and runs over several seeds "
+                    "(README: Few-shot). Reference data (--ref-dataset) is never subsampled.")
+    add_flag(g, "--shots", type=positive_int, default=None, metavar="K",
+             help="Train on K images per class of each training dataset, drawn with --fewshot-seed from its "
+                  "training split (labels only, balanced); min(K, 4) more per class, disjoint from them, are the "
+                  "validation images, evaluated after each task beside the test split (fewshot.csv). A class with "
+                  "fewer images is an error.")
+    add_flag(g, "--fewshot-seed", type=seed_int, default=1,
+             help="Seed of the --shots draw (the papers report seeds 1, 2, 3); --seed still seeds the training.")
+    add_flag(g, "--base-new", action="store_true",
+             help="Base-to-new generalisation: train on the first half of each dataset's classes (base, as CoOp); "
+                  "evaluate every dataset on its base and on its new classes, each among its own half's prompts, "
+                  "and their harmonic mean HM = 2BN/(B+N) (fewshot.csv; the accuracy matrix holds base).")
+    add_flag(g, "--seeds", type=seed_list, default=None, metavar="S1,S2,...",
+             help="Run this command once per seed S, with --seed S and --fewshot-seed S (only --seed without "
+                  "--shots), into <save>/seed<S>/, one after the other (a finished seed is skipped, an interrupted "
+                  "one resumes); then print and write the mean ± std over the seeds per dataset "
+                  "(<save>/seeds_results.csv, seeds_summary.csv, seeds_summary.md).")
 
     owners = registry.add_arguments(parser)
 
@@ -344,6 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--config {path}: {exc}") from None
     args = parser.parse_args(file_tokens + argv)
     args._cli = sorted(cli)
+    args._argv = list(argv)  # the command line as typed (--seeds re-runs it once per seed)
     args._file = sorted(_given(parser, file_tokens) - cli) if file_tokens else []
     args._defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
     _validate(args, parser)
@@ -396,10 +427,14 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         raise UserError("--wise-ft blends a fine-tuned checkpoint with zero-shot weights: give --load CKPT")
     if args.alpha != args._defaults["alpha"] and not args.wise_ft:
         raise UserError("--alpha is the blend of --wise-ft: give --wise-ft too (or drop --alpha)")
-    training_flags = ["train_dataset", "sequence", "method", *OPTIMISATION_FLAGS, "train_mode", *owners]
+    training_flags = ["train_dataset", "sequence", "method", *OPTIMISATION_FLAGS, "train_mode", *FEWSHOT_FLAGS,
+                      *owners]
     evaluating = args.eval_only or args.eval_single
     if evaluating:
         mode = "--eval-single" if args.eval_single else "--eval-only"
+        if args.base_new and "base_new" in cli:
+            raise UserError(f"--base-new measures a training run's base and new classes, not {mode}: for the "
+                            f"zero-shot model's base, new and HM run --method zeroshot --train-dataset NAME --base-new")
         inert(training_flags, f"{mode} evaluates without training (drop {mode} to train)")
         if args.eval_single:
             inert(NOT_FOR_ONE_IMAGE, "--eval-single classifies one image and prints the ranking")
@@ -415,6 +450,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             inert((*OPTIMISATION_FLAGS, "train_mode", "eval_interval", "checkpoint_interval"),
                   f"--method {args.method} trains nothing (its tasks have zero steps)")
         _check_optimizer_flags(args, cli, parser)
+        _check_fewshot_flags(args, cli, method)
+        if args.shots is None:
+            inert(["fewshot_seed"], "--fewshot-seed seeds the draw of --shots, which is not given")
         registry.check_combination(args, world_size=requested_world_size())
         for dest, owner in registry.inert_flags(args, owners, args._defaults):
             message = registry.inert_message(_flag(parser, dest), owner, args)
@@ -432,6 +470,35 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if not is_template(args.prompt):
         raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
                         f"braces, got {args.prompt!r}")
+
+
+FEWSHOT_FLAGS = ("shots", "fewshot_seed", "base_new", "seeds")
+
+
+def _check_fewshot_flags(args: argparse.Namespace, cli: set[str], method: type) -> None:
+    """--shots / --base-new against the method and train mode; --seeds against the flags it sets itself."""
+    from mtil.models.train_modes import LINEAR_HEAD_MODES
+
+    if (args.shots is not None or args.base_new) and not method.needs_classification_data:
+        used = "--shots" if args.shots is not None else "--base-new"
+        raise UserError(f"{used} draws images per class of a classification dataset, but --method {args.method} "
+                        f"trains on captions")
+    if args.base_new and args.train_mode in LINEAR_HEAD_MODES:
+        raise UserError(f"--base-new evaluates classes that were never trained, which the linear head of "
+                        f"--train-mode {args.train_mode} cannot classify: use a train mode without a head "
+                        f"(whole, image, text)")
+    if args.seeds is None:
+        return
+    if "seeds" in set(args._file):
+        raise UserError("--seeds runs the command once per seed: give it on the command line, not in --config")
+    if not args.save:
+        raise UserError("--seeds writes each seed's run to <save>/seed<S>/: give --save DIR")
+    if args.summarize:
+        raise UserError("--seeds runs training; --summarize reads one folder: give one of them")
+    typed = [f"--{d.replace('_', '-')}" for d in ("seed", "fewshot_seed") if d in cli]
+    if typed:
+        sets = "--seed and --fewshot-seed" if args.shots is not None else "--seed"
+        raise UserError(f"--seeds sets each run's {sets}: drop {', '.join(typed)}")
 
 
 def _check_optimizer_flags(args: argparse.Namespace, cli: set[str], parser) -> None:
@@ -477,18 +544,20 @@ def setting_types(parser: argparse.ArgumentParser | None = None) -> dict[str, An
 
 
 def arguments_markdown() -> str:
-    """ARGUMENTS.md, generated from the parser so the two cannot drift."""
-    parser = build_parser()
+    """ARGUMENTS.md, generated from the parsers (mtil.main's, then the sweep runner's) so they cannot drift."""
+    from mtil.sweep.cli import build_parser as sweep_parser
+
     lines = [
         "# Arguments",
         "",
-        "Generated from `mtil/args.py` and the method files in `mtil/methods/` by `python -m mtil.args > "
-        "ARGUMENTS.md` (a test fails when this file and the parser differ).",
-        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`). Every flag can also be "
-        "set in a `--config` YAML file (`lr: 1.0e-5`); the command line wins.",
+        "Generated from `mtil/args.py`, the method files in `mtil/methods/` and `mtil/sweep/cli.py` by "
+        "`python -m mtil.args > ARGUMENTS.md` (a test fails when this file and the parsers differ).",
+        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`). Every flag of "
+        "`python -m mtil.main` can also be set in a `--config` YAML file (`lr: 1.0e-5`); the command line wins.",
         "",
     ]
-    for group in parser._action_groups:
+    groups = [*build_parser()._action_groups, *sweep_parser()._action_groups]
+    for group in groups:
         actions = [a for a in group._group_actions if a.dest != "help"]
         if not actions:
             continue

@@ -144,6 +144,13 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: this command once per seed into ``<save>/seed<S>/``, then the mean ± std over the seeds."""
+    from mtil.sweep.seeds import run_seeds
+
+    return run_seeds(args)
+
+
 def _recorded_method(results: Path) -> str | None:
     """The method of the last after-task evaluation in a results.jsonl (what a chain's links trained with)."""
     from mtil.evaluation.metrics_io import read_result_records

@@ -1,4 +1,5 @@
-"""Entry point: flags -> resolved configuration -> the job (train a sequence, evaluate, classify one image, summarize)."""
+"""Entry point: flags -> resolved configuration -> the job (train a sequence, evaluate, classify one image, summarize,
+or run the command once per seed of --seeds)."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a SIGTERM/SIGUSR1 at start-up is a stop request, not death
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from mtil.hardware import set_threads
 
     set_threads(args.threads)
-    if args.summarize:
+    if args.seeds:
+        job = jobs.seeds
+    elif args.summarize:
         job = jobs.summarize
     elif args.eval_single:
         job = jobs.eval_single
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         job = jobs.evaluate
     else:
         job = jobs.train
-    if job is not jobs.train:
+    if job not in (jobs.train, jobs.seeds):  # --seeds passes a stop request on to the run in progress
         from mtil.engine.preemption import release_early_handlers
 
         release_early_handlers()  # these jobs write no checkpoint: a stop signal ends them as usual

@@ -77,8 +77,8 @@ def mid_evaluation(marker: Path) -> None:
                         batches_evaluated=index)
                 yield batch
 
-    def loader_dying(self, name):
-        batches = loader(self, name)
+    def loader_dying(self, name, *args, **kwargs):
+        batches = loader(self, name, *args, **kwargs)
         if current.get("after_task") == 1 and name == SECOND:
             return DiesAtSecondBatch(batches, name)
         return batches

@@ -73,7 +73,9 @@ def test_both_spellings_parse_to_the_same_dest(hyphen, underscore, dest, value, 
     default = mtil_args.parse_args([])
     assert getattr(parsed[0], dest) == getattr(parsed[1], dest) == expected
     assert getattr(default, dest) != expected  # the flag really changed something
-    assert vars(parsed[0]) == vars(parsed[1])
+    typed = {"_argv"}  # the command line as typed differs by its spelling, by design
+    assert ({k: v for k, v in vars(parsed[0]).items() if k not in typed}
+            == {k: v for k, v in vars(parsed[1]).items() if k not in typed})
 
 
 def _assert_one_line_error(capsys, argv, *fragments):

@@ -72,6 +72,8 @@ class TaskData:
     templates: list[str]
     openers: dict[str, Callable[[], Dataset]]
     _opened: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    # derived views (few-shot draws, base/new halves; see mtil.datasets.fewshot), built once and kept with the data
+    views: dict[Any, "TaskData"] = field(default_factory=dict, repr=False, compare=False)
 
     def raw(self, split: str) -> Dataset:
         if split not in self.openers:

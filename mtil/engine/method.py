@@ -70,6 +70,12 @@ class Method:
         return False
 
     @classmethod
+    def sets_task_length(cls, config: argparse.Namespace) -> bool:
+        """Whether the method's own flags give every task's length (e.g. AST's ``--stage2-epochs``): then no
+        ``--iterations``/``--epochs`` is required, and :meth:`task_steps` receives 0 for a task without one."""
+        return False
+
+    @classmethod
     def check_config(cls, config: argparse.Namespace) -> None:
         """Refuse flag combinations of this class's own flags (a UserError); called only when it is active."""
 

@@ -20,7 +20,8 @@ import yaml
 
 from mtil.atomic import atomic_open
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
-from mtil.datasets.registry import check_readable, open_dataset
+from mtil.datasets.fewshot import check_views, protocol_of, task_data
+from mtil.datasets.registry import check_readable
 from mtil.engine.checkpoint import (
     DERIVED,
     LATEST,
@@ -46,7 +47,7 @@ from mtil.engine.schedule import warmup_cosine
 from mtil.engine.state import TrainingState
 from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, task_settings
 from mtil.errors import UserError, no_space_cause, no_space_error
-from mtil.evaluation import matrix as mx
+from mtil.evaluation import fewshot_report, matrix as mx
 from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.hardware import announce_device, resolve_device
@@ -145,7 +146,7 @@ class SequenceRunner:
     # ---------------------------------------------------------------- checks (nothing written)
     def check_settings(self) -> None:
         """Every task has a length (unless the method trains nothing)."""
-        if self.method.training_free:
+        if self.method.training_free or type(self.method).sets_task_length(self.config):
             return
         missing = [spec.dataset for spec, settings in zip(self.specs, self.settings) if not has_length(settings)]
         if missing:
@@ -157,15 +158,18 @@ class SequenceRunner:
         problems are reported together."""
         config, problems = self.config, []
 
-        def attempt(check, *args, **kwargs):
+        def attempt(check, *args, **kwargs) -> bool:
             try:
                 check(*args, **kwargs)
+                return True
             except UserError as exc:
                 problems.append(str(exc))
+                return False
 
         for spec in self.specs:
             if self.method.needs_classification_data:
-                attempt(check_readable, spec.dataset, config.data_location, config.download, ("train", "test"))
+                if attempt(check_readable, spec.dataset, config.data_location, config.download, ("train", "test")):
+                    attempt(check_views, spec.dataset, config, trained=True)  # few-shot draws, base/new halves
             elif spec.dataset not in CAPTION_DATASETS:
                 problems.append(f"--method {config.method} trains on a caption dataset "
                                 f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
@@ -174,7 +178,8 @@ class SequenceRunner:
         trained = {spec.dataset for spec in self.specs}
         for name in config.eval_datasets or []:
             if name not in trained and name not in CAPTION_DATASETS:
-                attempt(check_readable, name, config.data_location, config.download, ("test",))
+                if attempt(check_readable, name, config.data_location, config.download, ("test",)):
+                    attempt(check_views, name, config, trained=False)
         for component in self.components:
             attempt(component.check_inputs)
         if problems:
@@ -331,6 +336,7 @@ class SequenceRunner:
                                       batch_size=config.batch_size_eval, workers=config.workers,
                                       max_size=config.max_evaluation_size, seed=config.seed,
                                       autocast_dtype=DTYPES[precision])
+        evaluator.fewshot = protocol_of(config)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
@@ -400,19 +406,29 @@ class SequenceRunner:
         return [n for n in names if n not in CAPTION_DATASETS]
 
     def evaluate_row(self, run: Run, after_task: int | None) -> list[dict]:
-        rows = []
+        rows, fewshot_rows = [], []
+        protocol = run.evaluator.fewshot
+        part = fewshot_report.matrix_part(protocol)
         for name in self.eval_names(run):
-            result = run.evaluator.evaluate(name)
+            result = run.evaluator.evaluate(name, "test", part)
             rows.append({"after_task": after_task, "dataset": name, "top1": result.top1, "top5": result.top5})
             if self.save_dir is not None:
                 write_metric_row(self.save_dir, name, run.state.global_step, result.top1, result.top5)
                 append_result_line(self.save_dir, {
                     "dataset": name, "iteration": run.state.global_step, "after_task": after_task,
                     "sequence": run.state.completed, "top1": result.top1, "top5": result.top5,
-                    "images": result.count, "method": self.config.method}, self.config_record)
+                    "images": result.count, "method": self.config.method,
+                    **({"classes": part} if protocol is not None else {})}, self.config_record)
+            if protocol is not None and after_task is not None:
+                fewshot_rows += fewshot_report.evaluate_extra(run.evaluator, protocol, name, result,
+                                                              with_val=name in run.state.sequence)
         label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
                                                     f"step {run.state.step}")
         _say(run.log, f"[{label}] " + "  ".join(f"{r['dataset']} {r['top1']:.2f}" for r in rows))
+        if fewshot_rows:
+            _say(run.log, fewshot_report.format_line(label, fewshot_rows))
+            if self.save_dir is not None:
+                fewshot_report.write_rows(self.save_dir, after_task, fewshot_rows)
         if after_task is not None and self.save_dir is not None and rows:
             path = self.save_dir / "accuracy_matrix.csv"
             long = read_or_rebuild_matrix(path) if path.is_file() else mx.empty_matrix()
@@ -425,8 +441,7 @@ class SequenceRunner:
         name = state.current_task
         index = state.task_index - (len(state.sequence) - len(self.specs))
         settings = self.settings[index]
-        data = open_dataset(name, config.data_location, config.download) \
-            if self.method.needs_classification_data else None
+        data = task_data(config, name) if self.method.needs_classification_data else None
         task = TaskContext(name=name, settings=settings, data=data)
         run.task = task
         instead = any(c.trains_instead_of_clip for c in self.components)  # e.g. LoRA: --freeze names adapters
@@ -442,7 +457,8 @@ class SequenceRunner:
             task.total_steps = state.total_steps = 0
             return task
         raw, _, _ = self.method.train_items(run, task)
-        task.total_steps = self.method.task_steps(run, task, steps_for(settings, len(raw)))
+        own = steps_for(settings, len(raw)) if has_length(settings) else 0  # 0: the method gives the length
+        task.total_steps = self.method.task_steps(run, task, own)
         state.total_steps = task.total_steps
         if task.total_steps == 0:  # e.g. joint training waits for the last task: nothing to optimise here
             return task
@@ -533,6 +549,10 @@ class SequenceRunner:
             print(mx.to_wide(long, datasets).round(2).to_string())
             return
         write_reports(self.save_dir, self.config.method, long, trained, run.log)
+        protocol = run.evaluator.fewshot
+        if protocol is not None and (results := fewshot_report.final_results(self.save_dir)):
+            _say(run.log, f"Few-shot protocol: {protocol.describe()}; at the end "
+                          f"({fewshot_report.FEWSHOT_FILE}):\n{fewshot_report.format_table(results)}")
 
 
 def read_or_rebuild_matrix(path: Path):

@@ -11,7 +11,7 @@ from clip.model import CLIP
 from torch.utils.data import DataLoader, Subset
 
 from mtil.datasets.base import TaskData
-from mtil.datasets.registry import open_dataset
+from mtil.datasets.fewshot import FewShot, open_view
 from mtil.evaluation.sampling import balanced_sample
 from mtil.models.heads import Head, ZeroShotHead
 from mtil.models.text import zeroshot_head
@@ -43,7 +43,8 @@ class ZeroShotEvaluator:
 
     Datasets, sampled subsets and loaders are built once. Heads depend only on the text encoder, so they are
     cached until :meth:`model_changed` says the weights moved (``text_changed=False`` keeps them, e.g. when only
-    the image encoder trains).
+    the image encoder trains). With a few-shot protocol (``fewshot``) a dataset can be evaluated on its ``val``
+    split and on a ``part`` of its classes (``base``, ``new``: among that part's class prompts only).
     """
 
     def __init__(self, model: CLIP, *, data_location: str | Path = "data", download: bool = False,
@@ -61,7 +62,8 @@ class ZeroShotEvaluator:
         self._heads: dict[str, ZeroShotHead] = {}
         # Heads learned in training (e.g. the linear heads of image-fc / fc) replace their dataset's zero-shot head.
         self.learned_heads: dict[str, Head] = {}
-        self._loaders: dict[str, DataLoader] = {}
+        self._loaders: dict[tuple[str, str, str], DataLoader] = {}
+        self.fewshot: FewShot | None = None  # the run's few-shot protocol (val split, base/new parts)
         self.heads_built = 0  # counted, so tests can prove the cache works
 
     @property
@@ -72,53 +74,57 @@ class ZeroShotEvaluator:
         if text_changed:
             self._heads.clear()
 
-    def task(self, name: str) -> TaskData:
-        return open_dataset(name, self.data_location, self.download)
+    def task(self, name: str, part: str = "all") -> TaskData:
+        return open_view(name, self.data_location, self.download, self.fewshot, part)
 
     def _autocast(self):
         return autocast_for(self.device, self.autocast_dtype)
 
-    def zeroshot_head(self, name: str) -> ZeroShotHead:
-        if name not in self._heads:
-            task = self.task(name)
+    def zeroshot_head(self, name: str, part: str = "all") -> ZeroShotHead:
+        key = name if part == "all" else f"{name}\0{part}"
+        if key not in self._heads:
+            task = self.task(name, part)
             was_training = self.model.training
             self.model.eval()
             with self._autocast():
                 weight = zeroshot_head(self.model, task.classnames, task.templates).float()
-            self._heads[name] = ZeroShotHead(weight)
+            self._heads[key] = ZeroShotHead(weight)
             self.model.train(was_training)
             self.heads_built += 1
-        return self._heads[name]
+        return self._heads[key]
 
-    def head(self, name: str) -> Head:
-        """The head that classifies ``name``: a learned one if training left one, else the zero-shot head."""
-        learned = self.learned_heads.get(name)
-        return learned if learned is not None else self.zeroshot_head(name)
+    def head(self, name: str, part: str = "all") -> Head:
+        """The head that classifies ``name``: a learned one if training left one, else the zero-shot head (of the
+        ``part``'s classes; a learned head covers all of a dataset's classes)."""
+        learned = self.learned_heads.get(name) if part == "all" else None
+        return learned if learned is not None else self.zeroshot_head(name, part)
 
-    def loader(self, name: str) -> DataLoader:
-        if name not in self._loaders:
-            task = self.task(name)
-            dataset = task.dataset("test", eval_transform(self.model.visual.input_resolution))
+    def loader(self, name: str, split: str = "test", part: str = "all") -> DataLoader:
+        key = (name, split, part)
+        if key not in self._loaders:
+            task = self.task(name, part)
+            dataset = task.dataset(split, eval_transform(self.model.visual.input_resolution))
             if self.max_size is not None and self.max_size < len(dataset):
-                dataset = Subset(dataset, balanced_sample(task.targets("test"), self.max_size, self.seed))
-            self._loaders[name] = DataLoader(
+                dataset = Subset(dataset, balanced_sample(task.targets(split), self.max_size, self.seed))
+            self._loaders[key] = DataLoader(
                 dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=False,
                 # its own generator: an evaluation pass must not draw from the global torch RNG (the loader takes
                 # a worker base seed from it), or training after an evaluation would depend on how many ran
                 generator=torch.Generator().manual_seed(self.seed),
             )
-        return self._loaders[name]
+        return self._loaders[key]
 
     @torch.no_grad()
-    def evaluate(self, name: str) -> EvalResult:
-        head = self.head(name)
+    def evaluate(self, name: str, split: str = "test", part: str = "all") -> EvalResult:
+        """Top-1/top-5 of ``split`` (test, or a few-shot run's val) of the ``part`` (all, base, new) of ``name``."""
+        head = self.head(name) if part == "all" else self.head(name, part)
         was_training = self.model.training
         self.model.eval()
         correct1 = correct5 = total = 0
-        classes = len(self.task(name).classnames)
+        classes = len(self.task(name, part).classnames)
         k = min(5, classes)
-        for images, labels in self.loader(name):
+        for images, labels in self.loader(name, split, part):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():

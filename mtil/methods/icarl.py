@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from mtil.args import add_flag, positive_int
-from mtil.datasets.registry import open_dataset
+from mtil.datasets.fewshot import task_data
 from mtil.engine.weights import load_into
 from mtil.methods.distillation import frozen_copy
 from mtil.methods.reference_distillation import ReferenceDistillation
@@ -70,7 +70,7 @@ class ICaRL(ReferenceDistillation):
         return teacher
 
     def reference_images(self, run, task):
-        parts = [Subset(open_dataset(name, self.config.data_location, self.config.download).raw("train"), idx)
+        parts = [Subset(task_data(self.config, name).raw("train"), idx)
                  for name, idx in self.memory.items() if idx]
         return ConcatDataset(parts) if parts else None
 
@@ -78,7 +78,7 @@ class ICaRL(ReferenceDistillation):
         names = list(self.memory) or [task.name]
         sentences = []
         for name in names:
-            data = open_dataset(name, self.config.data_location, self.config.download)
+            data = task_data(self.config, name)
             sentences += [data.templates[0].format(c) for c in data.classnames]
         return sentences
 

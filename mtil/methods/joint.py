@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mtil.datasets.registry import open_dataset
+from mtil.datasets.fewshot import task_data
 from mtil.engine.method import Method
 from mtil.engine.tasks import steps_for
 from mtil.models.text import tokenize
@@ -61,15 +61,14 @@ class Joint(Method):
         total = 0
         for name in sequence:
             settings = run.task_settings.get(name, task.settings)
-            total += steps_for(settings, len(open_dataset(name, run.config.data_location,
-                                                          run.config.download).raw("train")))
+            total += steps_for(settings, len(task_data(run.config, name).raw("train")))
         return total
 
     def before_task(self, run, task) -> None:
         self._tokens = self._task_of_class = None
         if task.name != run.state.sequence[-1]:
             return
-        data = [open_dataset(name, run.config.data_location, run.config.download) for name in run.state.sequence]
+        data = [task_data(run.config, name) for name in run.state.sequence]  # few-shot views under --shots
         template_prompts = [d.templates[0].format(c) for d in data for c in d.classnames]
         self._tokens = tokenize(run.model, template_prompts).to(run.device)
         self._task_of_class = torch.tensor([t for t, d in enumerate(data) for _ in d.classnames], device=run.device)
