@@ -142,3 +142,18 @@ def test_the_command_line_wins_for_either_or_settings_and_switches(tmp_path):
     assert config.we is False and config.lora is False  # a file's switch turned off on the command line
     assert parse_args(["--config", str(path)]).iterations == 4  # YAML's 4.0 for an integer flag
     assert parse_args(["--config", str(path)]).prompt == "-{}-"  # a value that starts with '-'
+
+
+def test_the_shipped_clip_ast_configuration_sets_the_seeds_values():
+    """configs/clip_ast_few_shot.yaml: the seed's CLIP-AST settings; the command line still wins."""
+    from pathlib import Path
+
+    from mtil.args import parse_args
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "clip_ast_few_shot.yaml")
+    args = parse_args(["--config", path, "--train-dataset", "ToyColorB", "--shots", "2"])
+    assert (args.method, args.k, args.lmbd, args.stage1_epochs, args.stage2_epochs) == ("ast", 6, [0.5, 0.5, 1.0],
+                                                                                        1, 30)
+    assert (args.stage2_lr, args.batch_size, args.random_selection, args.random_selection_seed) == (1e-4, 32,
+                                                                                                     False, 42)
+    assert parse_args(["--config", path, "--train-dataset", "ToyColorB", "--k", "3"]).k == 3
