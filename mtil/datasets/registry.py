@@ -7,10 +7,9 @@ import socket
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from PIL import Image
-from torch.utils.data import Subset
 
 from mtil.datasets.base import MissingSplit, TaskData, reading_split, split_of
 from mtil.datasets.tolerant import TolerantDataset, file_of
@@ -152,7 +151,7 @@ def check_readable(name: str, location: str | Path, download: bool = False,
             raise _one_line_user_error(exc) from None
         except Exception as exc:
             _OPEN.pop(_cache_key(name, location), None)
-            raise _failure(entry, name, location, download, exc, _first_file(dataset)) from None
+            raise _failure(entry, name, location, download, exc, file_of(dataset, 0)) from None
     return data
 
 
@@ -234,11 +233,6 @@ def _failure(entry: DatasetEntry, name: str, location: str | Path, download: boo
         remedy = "replace the damaged file(s) (e.g. copy or download them again)"
     return UserError(_one_line(f"{name} files under {where} could not be read ({', '.join(context)}): "
                                f"expected {entry.layout}; {remedy}"))
-
-
-def _first_file(dataset: Any) -> str | None:
-    """The file behind item 0 of a torchvision dataset, where it keeps a file list (for the message only)."""
-    return file_of(dataset, 0)
 
 
 def _ensure_loaded() -> None:

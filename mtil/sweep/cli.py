@@ -117,6 +117,16 @@ def exit_code(outcomes: list[Outcome]) -> int:
     return 0
 
 
+def finish(outcomes: list[Outcome], program: str, unit: str) -> int:
+    """The exit code of :func:`exit_code`, with its line (``program`` names the tool, ``unit`` a run: point, seed)."""
+    code = exit_code(outcomes)
+    if code == 3:
+        print(f"{program}: stopped; run the same command again to resume")
+    elif code == 1:
+        print(f"{program}: {sum(o.status == 'failed' for o in outcomes)} {unit}(s) failed (see above)")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -145,12 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tables.write_csv(out / "selected.csv", chosen, tables.summary_columns(by, chosen))
             print(f"\nChosen on {options.select_on} (per {', '.join(per + ['dataset'])}; test shown, not used to "
                   f"choose; {out / 'selected.csv'}):\n{tables.markdown(chosen, by)}")
-        code = exit_code(outcomes)
-        if code == 3:
-            print("mtil.sweep: stopped; run the same command again to resume")
-        elif code == 1:
-            print(f"mtil.sweep: {sum(o.status == 'failed' for o in outcomes)} point(s) failed (see above)")
-        return code
+        return finish(outcomes, "mtil.sweep", "point")
     except UserError as exc:
         print("mtil.sweep: error: " + str(exc).replace("\n", "\\n"), file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mtil.sweep import tables
-from mtil.sweep.cli import exit_code, report_outcome
+from mtil.sweep.cli import finish, report_outcome
 from mtil.sweep.command import BaseCommand, Planner, without_flags
 from mtil.sweep.grid import SEED_AXIS, Point
 from mtil.sweep.runner import Runner
@@ -37,9 +37,4 @@ def run_seeds(args: argparse.Namespace) -> int:
     if summary:
         print(f"\nMean ± std over seeds {', '.join(map(str, args.seeds))} ({files[1]}):\n"
               f"{tables.markdown(summary, list(shots))}")
-    code = exit_code(outcomes)
-    if code == 3:
-        print("mtil: stopped; run the same command again to resume")
-    elif code == 1:
-        print(f"mtil: {sum(o.status == 'failed' for o in outcomes)} seed(s) failed (see above)")
-    return code
+    return finish(outcomes, "mtil", "seed")
