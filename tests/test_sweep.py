@@ -105,6 +105,16 @@ MTIL = f"{sys.executable} -m mtil.main --model micro-vit --device cpu --workers 
     (["--grid", "shots=1", "--select-on", "test"], "test split is refused"),
     (["--grid", "shots=1", "--select-per", "lr"], "not an axis"),
     ([], "nothing to sweep"),
+    (["--variant", "a=--iterations 2"], "which --base sets too"),
+    (["--variant", "a=--lr 1", "--grid", "lr=1,2"], "which the grid varies"),
+    (["--variant", "a=--save x"], "own --save"),
+    (["--variant", "a=--seed 2", "--seeds", "1"], "--seeds sets it"),
+    (["--variant", "a=--method zeroshot", "--variant", "a=--method finetune"], "given twice"),
+    (["--variant", "a/b=--method zeroshot"], "must be letters"),
+    (["--variant", "a="], "give the flags of a"),
+    (["--variant", "a=--no-such-flag"], "--variant a: unrecognized"),
+    (["--grid", "variant=a,b"], "--variant NAME=FLAGS"),
+    (["--variant", "zs=--method zeroshot", "--grid", "lr=1e-4"], "point variant=zs_lr=1e-4: --method zeroshot"),
 ])
 def test_a_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, extra, expected):
     out = tmp_path / "sweep"
@@ -187,6 +197,43 @@ def test_a_stop_signal_reaches_the_running_point_and_no_other_starts(tmp_path, f
     monkeypatch.delenv("FAKE_WAIT")
     assert sweep(argv[3:]) == 0
     assert [c["point"] for c in calls()] == ["lr=0.1", "lr=0.1", "lr=0.2"]
+
+
+def test_variants_are_bundles_of_flags_in_one_table_each_with_its_own_choice(tmp_path, fake, capsys):
+    """--variant NAME=FLAGS is the first axis; each point adds its variant's flags; selection on val is per
+    variant by default (a method is compared with its own best setting), and a grid file may name variants."""
+    base, calls = fake
+    out = tmp_path / "sweep"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("variant:\n  low: --lr 0.1\n  high: --lr 0.5 --shots 4\n")
+    argv = ["--base", base, "--grid-file", str(grid_file), "--seeds", "1,2", "--out", str(out), "--select-on", "val"]
+    assert sweep(argv) == 0
+    assert [c["point"] for c in calls()] == ["variant=low_seed1", "variant=low_seed2", "variant=high_seed1",
+                                             "variant=high_seed2"]
+    assert calls()[2]["argv"][:6] == ["--shots", "2", "--lr", "0.5", "--shots", "4"]
+    assert [(s["variant"], float(s["test"])) for s in read_csv(out / "summary.csv")] == [
+        ("low", 91.5), ("high", 51.5)]
+    assert [s["variant"] for s in read_csv(out / "selected.csv")] == ["low", "high"]
+    assert yaml.safe_load((out / "sweep.yaml").read_text())["variants"] == {
+        "low": "--lr 0.1", "high": "--lr 0.5 --shots 4"}
+    capsys.readouterr()
+    assert sweep([*argv, "--variant", "x=--lr 1"]) == 2  # variants from the file and the command line: one axis
+    assert "names variant twice" in capsys.readouterr().err
+
+
+def test_zero_shot_and_fine_tuning_share_one_mtil_sweep(tmp_path, capsys):
+    """The issue's table in one command: zero-shot (which takes no training flags) beside a trained variant."""
+    out = tmp_path / "sweep"
+    base = f"{sys.executable} -m mtil.main --model micro-vit --device cpu --workers 0 --train-dataset ToyColorA"
+    assert sweep(["--base", base, "--variant", "zeroshot=--method zeroshot",
+                  "--variant", "finetune=--method finetune --iterations 2 --batch-size 4 --lr 1e-3",
+                  "--grid", "shots=1", "--seeds", "1", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in read_csv(out / "results.csv")}
+    assert set(rows) == {"zeroshot", "finetune"} and all(r["status"] == "finished" for r in rows.values())
+    saved = yaml.safe_load((out / "variant=zeroshot_shots=1_seed1" / "config.yaml").read_text())
+    assert saved["method"] == "zeroshot"
+    assert yaml.safe_load((out / "variant=finetune_shots=1_seed1" / "config.yaml").read_text())["iterations"] == 2
+    assert "| zeroshot | 1 | ToyColorA |" in capsys.readouterr().out
 
 
 def test_selection_reads_validation_only():

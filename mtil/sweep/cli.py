@@ -9,6 +9,7 @@ Every point is checked before the first one runs (see :mod:`mtil.sweep.command`)
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,11 +22,13 @@ from mtil.errors import UserError
 from mtil.evaluation.selection import selection_split
 from mtil.sweep import tables
 from mtil.sweep.command import Planner, PointCommand, parse_base
-from mtil.sweep.grid import SEED_KEYS, axes_from_file, check_axes, expand, normal_key, parse_axis, seed_columns
+from mtil.sweep.grid import (SEED_KEYS, VARIANT_AXIS, axes_from_file, check_axes, expand, normal_key, parse_axis,
+                             parse_variant, seed_columns, variant_axis)
 from mtil.sweep.runner import Outcome, Runner, is_finished, outcome_line
 
 # Grid columns that define the protocol, not a hyper-parameter: by default one setting is chosen per value.
-PROTOCOL_KEYS = ("shots", "base-new", "train-dataset", "sequence", "eval-datasets")
+# The variant (a method and its flags) is one too: each is compared with its own best setting.
+PROTOCOL_KEYS = (VARIANT_AXIS, "shots", "base-new", "train-dataset", "sequence", "eval-datasets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
              help="An axis of the grid: a flag and its values (repeat for more axes; the points are every "
                   "combination). Values separated by commas, or by semicolons when a value holds commas "
                   "(train-dataset=A,B;C). An on/off flag takes true,false.")
+    add_flag(g, "--variant", type=parse_variant, action="append", default=None, metavar="NAME=FLAGS",
+             help="A named bundle of flags, e.g. --variant 'zeroshot=--method zeroshot' --variant 'ast=--method "
+                  "ast --lr 7e-4' (repeat per variant): the first axis of the grid, so methods whose flags differ "
+                  "share one sweep and one table (the column 'variant').")
     add_flag(g, "--grid-file", default=None, metavar="YAML", path=True,
-             help="Axes from a YAML file mapping flags to lists of values (lr: [1.0e-5, 1.0e-4]), before --grid's.")
+             help="Axes from a YAML file mapping flags to lists of values (lr: [1.0e-5, 1.0e-4]), before --grid's; "
+                  "its 'variant:' maps variant names to flags, as --variant does.")
     add_flag(g, "--seeds", type=seed_list, default=None, metavar="S1,S2,...",
              help="Run every point once per seed, with --seed S and, when it uses --shots, --fewshot-seed S; the "
                   "summary averages over them.")
@@ -62,20 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--select-per", type=name_list, default=None, metavar="FLAGS",
              help="Grid flags that define the protocol rather than a hyper-parameter: one setting is chosen per "
                   "value of them and per dataset (default: those of shots, base-new, train-dataset, sequence, "
-                  "eval-datasets in the grid).")
+                  "eval-datasets in the grid, and the variant).")
     add_flag(g, "--dry-run", action="store_true",
              help="Check every point and print its command and whether it finished, then exit without running.")
     return parser
 
 
-def plan(options: argparse.Namespace) -> tuple[list[PointCommand], list[str]]:
-    """Every point's checked command, and the grid's columns. One-line UserErrors; nothing is written."""
-    axes = (axes_from_file(options.grid_file) if options.grid_file else []) + (options.grid or [])
+def plan(options: argparse.Namespace) -> tuple[list[PointCommand], list[str], dict[str, tuple[str, ...]] | None]:
+    """Every point's checked command, the grid's columns and the variants' flags. One-line UserErrors; nothing is
+    written."""
+    axes = ([variant_axis(options.variant)] if options.variant else []) + \
+        (axes_from_file(options.grid_file) if options.grid_file else []) + (options.grid or [])
     check_axes(axes, options.seeds)
     if not axes and not options.seeds:
-        raise UserError("nothing to sweep: give --grid FLAG=V1,V2 (or --grid-file) and/or --seeds")
+        raise UserError("nothing to sweep: give --grid FLAG=V1,V2 (or --grid-file, --variant) and/or --seeds")
     base = parse_base(options.base)
-    planner = Planner(base, [a.key for a in axes], options.seeds is not None)
+    variants = next((dict(zip(a.values, a.bundles)) for a in axes if a.key == VARIANT_AXIS and a.bundles), None)
+    planner = Planner(base, [a.key for a in axes], options.seeds is not None, variants)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
@@ -93,7 +104,7 @@ def plan(options: argparse.Namespace) -> tuple[list[PointCommand], list[str]]:
         if without:
             raise UserError(f"--select-on val needs validation accuracies, which runs with --shots K measure; "
                             f"{without[0]} has no --shots (give it in --base or the grid)")
-    return commands, keys
+    return commands, keys, variants
 
 
 def _results_text(folder: Path) -> str:
@@ -130,7 +141,7 @@ def finish(outcomes: list[Outcome], program: str, unit: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        commands, keys = plan(options)
+        commands, keys, variants = plan(options)
         out = Path(options.out)
         done = sum(is_finished(c) for c in commands)
         print(f"mtil.sweep: {len(commands)} points ({done} finished before) under {out}")
@@ -141,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_open(out / "sweep.yaml", "w") as handle:
             yaml.safe_dump({"base": options.base, "grid": {k: list(v) for k, v in _grid(commands, keys).items()},
+                            "variants": {n: shlex.join(f) for n, f in (variants or {}).items()} or None,
                             "seeds": options.seeds}, handle, sort_keys=False)
         outcomes = Runner(commands, options.parallel, report_outcome).run()
         rows = tables.collect([(c.point.columns, c.point.name, c.save, o.status)

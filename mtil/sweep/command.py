@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtil.errors import UserError
-from mtil.sweep.grid import Point
+from mtil.sweep.grid import VARIANT_AXIS, Point
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -78,8 +78,10 @@ class PointCommand:
 class Planner:
     """Builds and checks every point's command against the base command (mtil's parser for an mtil command)."""
 
-    def __init__(self, base: BaseCommand, keys: list[str], seeds: bool):
+    def __init__(self, base: BaseCommand, keys: list[str], seeds: bool,
+                 variants: dict[str, tuple[str, ...]] | None = None):
         self.base = base
+        self.variants = variants or {}
         self.notes: list[str] = []
         self.actions: dict[str, argparse.Action] = {}
         if not base.mtil:
@@ -101,12 +103,39 @@ class Planner:
             if typed:
                 raise UserError(f"--seeds sets every point's --seed (and --fewshot-seed): drop {', '.join(typed)} "
                                 f"from --base")
+        for name, tokens in self.variants.items():
+            self._check_variant(parser, given, keys, seeds, name, list(tokens))
         for key in keys:
+            if key == VARIANT_AXIS:
+                continue
             dest = key.replace("-", "_")
             if dest not in self.actions:
                 raise UserError(f"--grid {key}: mtil.main has no flag --{key} (see python -m mtil.main --help)")
             if dest in given:
                 raise UserError(f"--{key} is both in --base and in the grid: drop it from --base")
+
+    def _check_variant(self, parser: argparse.ArgumentParser, base: set[str], keys: list[str], seeds: bool,
+                       name: str, tokens: list[str]) -> None:
+        """A variant's flags parse, and set nothing the base, the grid or the sweep sets."""
+        from mtil.args import _given
+
+        where = f"--variant {name}"
+        try:
+            given = _given(parser, tokens)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        taken = {"save": "the sweep gives every point its own --save",
+                 "seeds": "give --seeds to the sweep, which runs each seed as a point"}
+        if seeds:
+            taken.update(seed="--seeds sets it", fewshot_seed="--seeds sets it")
+        for dest in sorted(given):
+            flag = "--" + dest.replace("_", "-")
+            if dest in taken:
+                raise UserError(f"{where} sets {flag}: {taken[dest]}; drop it from the variant")
+            if dest in base:
+                raise UserError(f"{where} sets {flag}, which --base sets too: drop it from one of them")
+            if dest.replace("_", "-") in keys:
+                raise UserError(f"{where} sets {flag}, which the grid varies: drop it from the variant")
 
     def _flag_tokens(self, key: str, value: str) -> list[str]:
         action = self.actions.get(key.replace("-", "_"))
@@ -138,7 +167,7 @@ class Planner:
     def command(self, point: Point, save: Path) -> PointCommand:
         flags = list(self.base.flags)
         for key, value in point.values.items():
-            flags += self._flag_tokens(key, value)
+            flags += list(self.variants[value]) if key == VARIANT_AXIS else self._flag_tokens(key, value)
         tail = ["--save", str(save)]
         if point.seed is not None:
             if self.base.mtil:

@@ -3,11 +3,16 @@
 A point is one value per axis; its folder name lists them in axis order, ``key=value`` joined by ``_``, with the
 seed last as ``seed<S>`` (``shots=2_lr=1e-4_seed1``; a run of ``--seeds`` alone: ``seed1``). Seeds vary fastest,
 so a setting's seeds finish together.
+
+The ``variant`` axis (``--variant NAME=FLAGS``, always the first) is not one flag: each of its values names a
+bundle of flags (``ast="--method ast --k 4"``), so methods whose flags differ (zero-shot takes no learning rate)
+share one sweep and one table.
 """
 from __future__ import annotations
 
 import itertools
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ from mtil.errors import UserError
 from mtil.yaml_files import read_yaml
 
 SEED_AXIS = "seed"  # the name of --seeds' axis in tables
+VARIANT_AXIS = "variant"  # the axis of --variant NAME=FLAGS: each value names a bundle of flags
 RESERVED = {"save": "the sweep gives every point its own --save", "seeds": "give --seeds to the sweep itself"}
 # Axes that are seeds: tables average over them (grouped by every other axis).
 SEED_KEYS = ("seed", "fewshot-seed")
@@ -25,6 +31,34 @@ SEED_KEYS = ("seed", "fewshot-seed")
 class Axis:
     key: str  # the flag without dashes, hyphenated (``fewshot-seed``)
     values: tuple[str, ...]
+    bundles: tuple[tuple[str, ...], ...] | None = None  # the variant axis: each value's flags
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``NAME=FLAGS`` (``ast=--method ast --k 4``): a name for the table and the flags it adds."""
+    name, sep, flags = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UserError(f"--variant {text!r}: expected NAME=FLAGS (e.g. --variant 'zeroshot=--method zeroshot')")
+    if _safe(name) != name:
+        raise UserError(f"--variant {text!r}: the name {name!r} must be letters, digits or .+- characters "
+                        f"(it names the points' folders)")
+    try:
+        tokens = tuple(shlex.split(flags))
+    except ValueError as exc:
+        raise UserError(f"--variant {text!r}: {exc}") from None
+    if not tokens:
+        raise UserError(f"--variant {text!r}: give the flags of {name} after '=' (e.g. {name}=--method zeroshot)")
+    return name, tokens
+
+
+def variant_axis(variants: list[tuple[str, tuple[str, ...]]]) -> Axis:
+    """The variant axis from ``--variant`` options (or a grid file's ``variant:`` mapping)."""
+    names = [n for n, _ in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"--variant {repeated[0]} is given twice: give each variant one name")
+    return Axis(VARIANT_AXIS, tuple(names), tuple(flags for _, flags in variants))
 
 
 @dataclass(frozen=True)
@@ -79,6 +113,11 @@ def axes_from_file(path: str | Path) -> list[Axis]:
         raise UserError(f"--grid-file {path} must map flags to lists of values (e.g. 'lr: [1.0e-5, 1.0e-4]')")
     axes = []
     for key, values in document.items():
+        if normal_key(str(key)) == VARIANT_AXIS:
+            if not isinstance(values, dict) or not values:
+                raise UserError(f"--grid-file {path}: variant must map names to flags (ast: --method ast --k 4)")
+            axes.insert(0, variant_axis([parse_variant(f"{name}={flags}") for name, flags in values.items()]))
+            continue
         values = values if isinstance(values, list) else [values]
         if any(isinstance(v, (dict, list)) or v is None for v in values):
             raise UserError(f"--grid-file {path}: {key} must list plain values (numbers, words, true/false)")
@@ -98,6 +137,8 @@ def check_axes(axes: list[Axis], seeds: list[int] | None) -> None:
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise UserError(f"the grid names {', '.join(twice)} twice: give each flag one axis")
+    if any(a.key == VARIANT_AXIS and a.bundles is None for a in axes):
+        raise UserError("--grid variant: a variant is a bundle of flags; give each as --variant NAME=FLAGS")
     for key in keys:
         if key in RESERVED:
             raise UserError(f"the grid cannot vary --{key}: {RESERVED[key]}")
