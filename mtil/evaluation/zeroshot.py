@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from clip.model import CLIP
 from torch.utils.data import DataLoader, Subset
 
@@ -128,9 +127,8 @@ class ZeroShotEvaluator:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
-                features = self.model.encode_image(images)
-            features = F.normalize(features.float(), dim=-1)
-            logits = head(features)
+                features = head.encode(self.model, images)
+            logits = head(features.float())
             top = logits.topk(k, dim=1).indices
             hits = top == labels[:, None]
             correct1 += hits[:, 0].sum().item()

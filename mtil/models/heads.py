@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 HEAD_KINDS: dict[str, type["Head"]] = {}
 
@@ -23,6 +24,12 @@ def register_head(cls: type["Head"]) -> type["Head"]:
 
 class Head(nn.Module):
     kind: ClassVar[str] = "head"
+
+    def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The features :meth:`forward` classifies: CLIP's L2-normalised image features by default. A head that
+        needs more (an adapter's features beside the original ones, as Tip-Adapter with the IMO adapter does)
+        overrides this; the evaluator calls it inside its autocast."""
+        return F.normalize(model.encode_image(images).float(), dim=-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
