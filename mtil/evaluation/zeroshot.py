@@ -64,12 +64,21 @@ class ZeroShotEvaluator:
         self._loaders: dict[tuple[str, str, str], DataLoader] = {}
         self.fewshot: FewShot | None = None  # the run's few-shot protocol (val split, base/new parts)
         self.heads_built = 0  # counted, so tests can prove the cache works
+        self.images_encoded = 0  # images through the image encoder (a feature store's hits are not counted)
+        # Bumped by every model_changed: a feature store keys features by it (and by what it reads of the model).
+        self.model_version = 0
+        # Optional: an object with load(model, version, descriptor) -> (features, labels) | None and
+        # save(model, version, descriptor, features, labels), that keeps encoded features (Tip-Adapter's cache).
+        self.feature_store = None
+        # Called with (EvalResult, split, part, logits, labels) after every evaluation (classification reports).
+        self.logits_listeners: list = []
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def model_changed(self, text_changed: bool = True) -> None:
+        self.model_version += 1
         if text_changed:
             self._heads.clear()
 
@@ -114,25 +123,43 @@ class ZeroShotEvaluator:
             )
         return self._loaders[key]
 
+    def _encoded(self, name: str, split: str, part: str, head: Head) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features ``head`` classifies and the labels of every image of the split (a feature store, when
+        set, answers instead of the image encoder, and keeps what was encoded)."""
+        descriptor = {"dataset": name, "split": split, "part": part, "features": head.feature_id,
+                      "max_size": self.max_size, "sample_seed": self.seed,
+                      "fewshot": self.fewshot.describe() if self.fewshot is not None and split == "val" else None}
+        if self.feature_store is not None:
+            found = self.feature_store.load(self.model, self.model_version, descriptor)
+            if found is not None:
+                return found[0].to(self.device), found[1].to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        features, labels = [], []
+        for images, targets in self.loader(name, split, part):
+            images = images.to(self.device, non_blocking=True)
+            with self._autocast():
+                features.append(head.encode(self.model, images).float())
+            labels.append(targets.to(self.device, non_blocking=True))
+        self.model.train(was_training)
+        features, labels = torch.cat(features), torch.cat(labels)
+        self.images_encoded += labels.numel()
+        if self.feature_store is not None:
+            self.feature_store.save(self.model, self.model_version, descriptor, features.cpu(), labels.cpu())
+        return features, labels
+
     @torch.no_grad()
     def evaluate(self, name: str, split: str = "test", part: str = "all") -> EvalResult:
         """Top-1/top-5 of ``split`` (test, or a few-shot run's val) of the ``part`` (all, base, new) of ``name``."""
         head = self.head(name) if part == "all" else self.head(name, part)
-        was_training = self.model.training
-        self.model.eval()
-        correct1 = correct5 = total = 0
+        features, labels = self._encoded(name, split, part, head)
         classes = len(self.task(name, part).classnames)
-        k = min(5, classes)
-        for images, labels in self.loader(name, split, part):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                features = head.encode(self.model, images)
-            logits = head(features.float())
-            top = logits.topk(k, dim=1).indices
-            hits = top == labels[:, None]
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            total += labels.numel()
-        self.model.train(was_training)
-        return EvalResult(name, 100.0 * correct1 / total, 100.0 * correct5 / total, total, classes, head.kind)
+        logits = torch.cat([head(chunk) for chunk in features.split(self.batch_size)])
+        top = logits.topk(min(5, classes), dim=1).indices
+        hits = top == labels[:, None]
+        total = labels.numel()
+        result = EvalResult(name, 100.0 * hits[:, 0].sum().item() / total, 100.0 * hits.any(dim=1).sum().item() / total,
+                            total, classes, head.kind)
+        for listener in self.logits_listeners:
+            listener(result, split, part, logits.cpu(), labels.cpu())
+        return result

@@ -25,6 +25,10 @@ def register_head(cls: type["Head"]) -> type["Head"]:
 class Head(nn.Module):
     kind: ClassVar[str] = "head"
 
+    # Names what :meth:`encode` computes, for caches of encoded features: heads with the same id (and the same
+    # model) encode alike. A head whose encode differs must give its own.
+    feature_id: ClassVar[str] = "clip-image"
+
     def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The features :meth:`forward` classifies: CLIP's L2-normalised image features by default. A head that
         needs more (an adapter's features beside the original ones, as Tip-Adapter with the IMO adapter does)
