@@ -110,11 +110,41 @@ def test_l2_hook_is_l2_times_squared_distance_to_task_start():
         now = weights(model)
         by_hand = 0.3 * sum(((now[n].double() - start[n].double()) ** 2).sum() for n in TRAINABLE)
         value = l2.loss(run, None)["l2"]
-        assert value.requires_grad
+        assert not value.requires_grad  # its gradient is added in after_backward, not back-propagated
         assert value.item() == pytest.approx(by_hand.item(), rel=1e-5)
     # A new task moves the anchor to the weights it starts from.
     l2.before_task(run, None)
     assert l2.loss(run, None)["l2"].item() == 0.0
+
+
+@pytest.mark.parametrize("unused", [False, True])
+def test_l2_gradient_added_after_backward_equals_back_propagating_the_penalty(unused):
+    """The closed-form 2 W (theta - theta0) added to the gradients gives exactly what autograd gives for
+    CE + W * sum ||theta - theta0||^2, also for a trainable tensor CE leaves without a gradient."""
+    g = torch.Generator().manual_seed(3)
+    model = Toy()
+    run = fake_run(model, "--l2", "0.3")
+    l2 = L2Consolidation(run.config)
+    l2.before_task(run, None)
+    start = weights(model)
+    fake_step(model, g)
+    x = torch.randn(5, 3, generator=g)
+
+    def task_loss():
+        hidden = model.a(x)
+        return model.b(hidden.detach() if unused else hidden).square().mean()
+
+    model.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    (task_loss() + 0.3 * sum(((params[n] - start[n]) ** 2).sum() for n in TRAINABLE)).backward()
+    expected = {n: params[n].grad.clone() for n in TRAINABLE}
+    model.zero_grad(set_to_none=True)
+    task_loss().backward()
+    assert (params["a.weight"].grad is None) == unused
+    l2.after_backward(run)
+    for n in TRAINABLE:
+        torch.testing.assert_close(params[n].grad, expected[n], rtol=1e-6, atol=1e-6)
+    assert params["b.bias"].grad is None  # frozen: no part of the penalty
 
 
 def test_l2_in_a_run_is_zero_first_then_the_hand_computed_penalty(monkeypatch):

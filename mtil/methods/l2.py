@@ -1,4 +1,10 @@
-"""``--l2 W``: L2 consolidation toward the task-start weights, ``L += W * sum_p ||theta_p - theta0_p||^2``."""
+"""``--l2 W``: L2 consolidation toward the task-start weights, ``L += W * sum_p ||theta_p - theta0_p||^2``.
+
+The penalty's gradient is known in closed form, ``2 W (theta - theta0)``, so it is not built into the autograd
+graph and back-propagated (about 300 tensors for a ViT-B, every step): :meth:`loss` reports its value (computed
+without a graph) and :meth:`after_backward` adds ``2 W (theta - theta0)`` to the gradients with one foreach
+operation. A trainable tensor the other losses leave without a gradient gets that term alone, as autograd would
+give it. It runs before OGD's projection (``order``), so the projected gradient is that of the whole loss."""
 from __future__ import annotations
 
 from typing import Any
@@ -37,10 +43,32 @@ class L2Consolidation(Component):
     def before_task(self, run, task) -> None:
         self.anchor = clone(trainable_parameters(run.model))
 
-    def loss(self, run, batch) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def _differences(self, run) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
         params = trainable_parameters(run.model)
-        total = sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items() if n in params)
-        return {"l2": self.config.l2 * total}
+        names = [n for n in self.anchor if n in params]
+        tensors = [params[n] for n in names]
+        return tensors, torch._foreach_sub([t.detach() for t in tensors], [self.anchor[n] for n in names])
+
+    def loss(self, run, batch) -> dict[str, torch.Tensor]:
+        _, differences = self._differences(run)
+        if not differences:
+            return {"l2": torch.zeros((), device=run.device)}
+        squares = torch.stack(torch._foreach_norm(differences)).float().pow(2).sum()
+        return {"l2": self.config.l2 * squares}
+
+    @torch.no_grad()
+    def after_backward(self, run) -> None:
+        params, differences = self._differences(run)
+        if not params:
+            return
+        torch._foreach_mul_(differences, 2 * self.config.l2)  # (a scalar, not foreach's alpha: huge W gives inf)
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        for i, p in enumerate(params):
+            if p.grad is None:
+                p.grad = differences[i]
+        if with_grad:
+            torch._foreach_add_([params[i].grad for i in with_grad], [differences[i] for i in with_grad])
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": to_cpu(self.anchor)}
