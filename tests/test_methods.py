@@ -130,8 +130,10 @@ def test_distillation_terms_vanish_while_student_is_teacher(method, extra, teach
         assert all(v > 1e-7 for v in later.values()), (task_index, later)
 
 
-def test_zscl_teacher_sentence_features_are_computed_once_per_task(monkeypatch, recorded_losses):
-    """2 tasks x 4 steps: the teacher encodes the reference sentences twice in all (once per task)."""
+@pytest.mark.parametrize("ref_wise", [False, True])
+def test_zscl_teacher_sentence_features_are_computed_once_per_teacher(monkeypatch, recorded_losses, ref_wise):
+    """2 tasks x 4 steps: the zero-shot teacher is built and encodes the reference sentences once per sequence;
+    a --ref-wise teacher (a blend with the current model) once per task."""
     computations = []
     original_compute = SentenceFeatures.compute
 
@@ -158,16 +160,17 @@ def test_zscl_teacher_sentence_features_are_computed_once_per_task(monkeypatch, 
     monkeypatch.setattr(ZSCL, "make_teacher", make_teacher)
     monkeypatch.setattr(CLIP, "encode_text", encode_text)
     assert main([*FAST, *ZSCL_TOY, "--train-dataset", "ToyShape,ToyColor", "--iterations", "4",
-                 "--eval-datasets", "ToyShape"]) == 0
+                 "--eval-datasets", "ToyShape", *(["--ref-wise"] if ref_wise else [])]) == 0
+    teachers_built = 2 if ref_wise else 1
     method = recorded_losses[0][0]
     assert len(recorded_losses) == 8 and all(r[0] is method for r in recorded_losses)
-    assert method.teacher_text.computations == 2
-    assert len(teachers) == 2 and [id(t) for t in computations] == [id(t) for t in teachers]
-    # The teachers' text encoder ran only for those two computations (200 sentences fit one batch each), and
+    assert method.teacher_text.computations == teachers_built
+    assert len(teachers) == teachers_built and [id(t) for t in computations] == [id(t) for t in teachers]
+    # The teachers' text encoder ran only for those computations (200 sentences fit one batch each), and
     # no model encoded the reference sentences at any step.
     teacher_calls = [n for model, n in text_calls if any(model is t for t in teachers)]
-    assert teacher_calls == [200, 200]
-    assert sum(1 for _, n in text_calls if n == 200) == 2
+    assert teacher_calls == [200] * teachers_built
+    assert sum(1 for _, n in text_calls if n == 200) == teachers_built
 
 
 # ------------------------------------------------------------------------------------------------ iCaRL

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from mtil.models.text import encode_texts
+from mtil.models.text import encode_texts, trim_padding
 
 
 def distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -53,6 +53,7 @@ class SentenceFeatures:
                 tokens[:, 0] = 49406
                 tokens[:, 1:1 + length] = sentences[:, :length]
                 tokens[:, 1 + length] = 49407
+                tokens = trim_padding(tokens)
                 feats = []
                 for start in range(0, len(tokens), 256):
                     feats.append(F.normalize(teacher.encode_text(tokens[start:start + 256].to(device)).float(), dim=-1))

@@ -98,12 +98,22 @@ class ReferenceDistillation(Finetune):
     def reference_sentences(self, run, task) -> list[str] | torch.Tensor:
         raise NotImplementedError
 
+    def stable_teacher(self) -> bool:
+        """Whether every task's teacher is the same frozen model (ZSCL's zero-shot or --ref-model teacher): then
+        it is built once per sequence, its sentence features are encoded once for the same sentences, and it is
+        left out of checkpoints (a resume rebuilds it exactly). LwF's teacher changes with every task."""
+        return False
+
     # --- hooks ------------------------------------------------------------------------------
     def before_task(self, run, task) -> None:
         super().before_task(run, task)
-        self.teacher = self.make_teacher(run, task)
-        self.sentences = self.reference_sentences(run, task)
-        self.teacher_text.compute(self.teacher, self.sentences, run.model.context_length)
+        sentences = self.reference_sentences(run, task)
+        if self.teacher is None or not self.stable_teacher():
+            self.teacher = self.make_teacher(run, task)
+            self.sentences = None
+        if not _same_sentences(self.sentences, sentences):
+            self.sentences = sentences
+            self.teacher_text.compute(self.teacher, self.sentences, run.model.context_length)
         self._ref_iter = None
         self._ref_data = self.reference_images(run, task)
 
@@ -148,13 +158,20 @@ class ReferenceDistillation(Finetune):
         return losses
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": _cpu_state(self.teacher)}
+        return {"teacher": None if self.stable_teacher() else _cpu_state(self.teacher)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A resumed task gets back the teacher it started with (e.g. LwF's end-of-previous-task model)."""
-        if state.get("teacher") is not None and self.teacher is not None:
+        """A resumed task gets back the teacher it started with (e.g. LwF's end-of-previous-task model); a stable
+        teacher was rebuilt as it was by before_task."""
+        if state.get("teacher") is not None and self.teacher is not None and not self.stable_teacher():
             self.teacher.load_state_dict(state["teacher"])
             self.teacher_text.compute(self.teacher, self.sentences, self.teacher.context_length)
+
+
+def _same_sentences(a: list[str] | torch.Tensor | None, b: list[str] | torch.Tensor) -> bool:
+    if a is None or type(a) is not type(b):
+        return False
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def _cpu_state(model) -> dict | None:
@@ -215,6 +232,9 @@ class ZSCL(_DrawnSentences):
             raise UserError(f"--ref-sentences-count draws sentences for --ref-sentences random or ToyCaptions; "
                             f"--ref-sentences {config.ref_sentences} uses all its sentences: drop "
                             f"--ref-sentences-count")
+
+    def stable_teacher(self) -> bool:
+        return not self.config.ref_wise  # a WiSE blend with the current model changes at every task
 
     def make_teacher(self, run, task):
         cfg = self.config

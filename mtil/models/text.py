@@ -10,19 +10,38 @@ from clip.model import CLIP
 
 
 def tokenize(model: CLIP, texts: Sequence[str]) -> torch.Tensor:
-    """Tokenize to the model's own context length, truncating long sentences (captions can be long)."""
-    return clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True)
+    """Tokenize to the model's own context length, truncating long sentences (captions can be long), then trim
+    the padding after the batch's longest sentence (see :func:`trim_padding`)."""
+    return trim_padding(clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True))
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` cut after the column of the batch's last end-of-text token (the highest id of each row).
+
+    CLIP's text transformer is causal and reads each sentence's feature at its end-of-text token, so the padding
+    after it never reaches the feature: encoding the trimmed tokens gives the same features (clip's encode_text
+    slices the positional embedding and the causal mask to the length it gets) at a fraction of the cost; a
+    prompt such as "a photo of a cat." is 8 of 77 positions."""
+    if tokens.numel() == 0:
+        return tokens
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised text features of ``texts`` (no gradient), on the model's device."""
+    """L2-normalised text features of ``texts`` (no gradient), on the model's device. Sentences are encoded in
+    order of length, each batch trimmed to its longest (:func:`trim_padding`), and returned in the given order."""
     device = next(model.parameters()).device
+    tokens = clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True)
+    order = tokens.argmax(dim=-1).argsort(stable=True)
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            tokens = tokenize(model, texts[start:start + batch_size]).to(device)
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    return torch.cat(out)
+            batch = trim_padding(tokens[order[start:start + batch_size]]).to(device)
+            out.append(F.normalize(model.encode_text(batch).float(), dim=-1))
+    if not out:
+        return torch.empty(0, model.text_projection.shape[1], device=device)
+    features = torch.cat(out)
+    return features[order.argsort().to(device)]
 
 
 def zeroshot_head(model: CLIP, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
