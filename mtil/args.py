@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
     add_flag(g, "--checkpoint-interval", type=non_negative_int, default=500,
              help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
+    add_flag(g, "--keep-checkpoints", choices=("all", "last", "none"), default="all",
+             help="Per-task checkpoints <save>/<Dataset>.pth: all (one per task), last (each new one replaces the "
+                  "previous task's, after it is written) or none (latest.pth alone holds the run; a chain of "
+                  "one-task runs needs all or last, since each link loads the previous link's).")
     add_flag(g, "--skip-nonfinite", type=non_negative_int, default=0, metavar="N",
              help="A step whose loss or gradients are NaN or infinite stops the run (exit code 2; the checkpoints "
                   "already written are kept). With N > 0, up to N such steps in the run are skipped instead (no "

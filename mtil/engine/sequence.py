@@ -513,9 +513,19 @@ class SequenceRunner:
         run.evaluator.model_changed(text_changed=self._text_changes())
         if self.save_dir is not None:
             payload = self._payload(run, with_optimizer=False)
-            save_checkpoint(self.save_dir / f"{safe_name(task.name)}.pth", payload)
+            keep = self.config.keep_checkpoints
+            if keep != "none":
+                save_checkpoint(self.save_dir / f"{safe_name(task.name)}.pth", payload)
             self.save_latest(run, payload=payload)
+            if keep != "all":  # only once the new checkpoints are written: never fewer than one good copy
+                kept = {safe_name(task.name)} if keep == "last" else set()
+                self._remove_task_checkpoints([n for n in state.completed if safe_name(n) not in kept])
         run.task = None
+
+    def _remove_task_checkpoints(self, tasks: list[str]) -> None:
+        """Delete the task checkpoints of ``tasks`` (--keep-checkpoints last / none); a missing one is fine."""
+        for name in tasks:
+            (self.save_dir / f"{safe_name(name)}.pth").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- the whole sequence
     def run(self) -> Run:
