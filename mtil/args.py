@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--alpha", type=unit_interval, default=0.5, help="alpha of --wise-ft.")
     add_flag(g, "--eval-interval", type=positive_int, default=None,
              help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
+    add_flag(g, "--report", action="store_true",
+             help="Write classification reports (top-1/3/5, macro and weighted precision / recall / F1, per-class "
+                  "table, confusion matrix as CSV and PNG) of the last evaluation of every dataset, and of the "
+                  "zero-shot one with a baseline-vs-final chart, under <save>/reports/<Dataset>/.")
     add_flag(g, "--max-evaluation-size", type=positive_int, default=None,
              help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
     add_flag(g, "--save", default=None, metavar="DIR", path=True,
@@ -399,7 +403,8 @@ def _changed(args: argparse.Namespace, dest: str) -> bool:
 
 
 # Evaluation flags that --eval-single (one image, printed) does not use.
-NOT_FOR_ONE_IMAGE = ("save", "eval_datasets", "max_evaluation_size", "batch_size_eval", "eval_interval")
+NOT_FOR_ONE_IMAGE = ("save", "eval_datasets", "max_evaluation_size", "batch_size_eval", "eval_interval",
+                     "report")
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -469,6 +474,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                                   "--train-dataset DTD or MTIL-I, or --eval-only to evaluate)")
     for note in notes:
         print(f"mtil: note: {note}", file=sys.stderr)
+    if args.report and not args.eval_single and (args.summarize or not args.save):
+        raise UserError("--report writes classification reports of the evaluations under --save DIR/reports: "
+                        + ("--summarize evaluates nothing (drop --report)" if args.summarize else "give --save DIR"))
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
     if not is_template(args.prompt):

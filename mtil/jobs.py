@@ -77,6 +77,7 @@ def evaluate(args: argparse.Namespace) -> int:
     # A WiSE-FT blend is another model than the checkpoint: its rows go to their own metric files, never over the
     # checkpoint's own rows of the same iteration (e.g. when evaluating into the training run's folder).
     label = f"_wiseft{args.alpha:g}" if args.wise_ft else ""
+    reports = _report_writer(args, loaded, evaluator, label, iteration)
     for name in names:
         result = evaluator.evaluate(name)
         print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   "
@@ -86,11 +87,27 @@ def evaluate(args: argparse.Namespace) -> int:
             append_result_line(args.save, {"dataset": name, "iteration": iteration, "top1": result.top1,
                                            "top5": result.top5, "images": result.count,
                                            "classes": result.classes, "head": result.head}, config)
+    if reports is not None:
+        reports.finish(names)
     if args.save:
         print(f"Metrics written to {Path(args.save)}/metrics_<Dataset>.csv and results.jsonl")
     else:
         print("(no metric files written: give --save DIR to keep them)")
     return 0
+
+
+def _report_writer(args: argparse.Namespace, loaded: LoadedModel, evaluator: ZeroShotEvaluator, label: str,
+                   iteration: int):
+    """--report: a writer whose one row (this evaluation) gives each dataset's final report."""
+    if not args.report:
+        return None
+    from mtil.evaluation.report_writer import FINAL, REPORTS_FOLDER, ReportWriter
+
+    method = (loaded.checkpoint.get("config") or {}).get("method")  # what trained the checkpoint, if it says
+    writer = ReportWriter(Path(args.save) / REPORTS_FOLDER, {"model": args.model, "load": loaded.source,
+                                                             "method": method, "eval_only": True}, suffix=label)
+    writer.attach(evaluator).begin(FINAL, after_task=None, iteration=iteration)
+    return writer
 
 
 def _wise_ft(args: argparse.Namespace, loaded: LoadedModel) -> None:

@@ -29,7 +29,7 @@ PREVIOUS = "latest.prev.pth"  # the latest checkpoint before the last one, kept 
 OPERATIONAL_FLAGS = {
     "workers", "device", "batch_size_eval", "save", "data_location", "clip_root", "download", "force_resume",
     "checkpoint_interval", "eval_only", "summarize", "eval_single", "class_names", "prompt", "threads",
-    "log_every", "config", "skip_nonfinite", "keep_checkpoints",
+    "log_every", "config", "skip_nonfinite", "report", "feature_cache", "keep_checkpoints",
 }
 # Flags naming a model or a file: a model name stays a name, an existing file compares as its resolved path.
 MODEL_OR_FILE = {"model", "ref_model"}

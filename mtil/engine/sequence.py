@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import yaml
 
+from mtil.adapters.feature_cache import store_of
 from mtil.atomic import atomic_open
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.fewshot import check_views, protocol_of, task_data
@@ -49,6 +50,7 @@ from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, 
 from mtil.errors import UserError, no_space_cause, no_space_error
 from mtil.evaluation import fewshot_report, matrix as mx
 from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
+from mtil.evaluation.report_writer import REPORTS_FOLDER, ReportWriter
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.hardware import announce_device, resolve_device
 from mtil.models.architectures import Architecture
@@ -142,6 +144,7 @@ class SequenceRunner:
         self.resumed: dict | None = None
         self.resumed_from: Path | None = None  # the checkpoint read on resume (latest.pth, or a fallback)
         self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
+        self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
 
     # ---------------------------------------------------------------- checks (nothing written)
     def check_settings(self) -> None:
@@ -337,6 +340,11 @@ class SequenceRunner:
                                       max_size=config.max_evaluation_size, seed=config.seed,
                                       autocast_dtype=DTYPES[precision])
         evaluator.fewshot = protocol_of(config)
+        evaluator.feature_store = store_of(config, precision)  # --feature-cache DIR (Tip-Adapter's), else None
+        if getattr(config, "report", False) and self.save_dir is not None:
+            self.reports = ReportWriter(self.save_dir / REPORTS_FOLDER, {
+                "model": config.model, "load": config.load, "method": config.method, "train_mode": config.train_mode,
+                "sequence": list(state.sequence)}).attach(evaluator)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
@@ -409,6 +417,8 @@ class SequenceRunner:
         rows, fewshot_rows = [], []
         protocol = run.evaluator.fewshot
         part = fewshot_report.matrix_part(protocol)
+        if self.reports is not None:
+            self.reports.begin_row(after_task, len(run.state.sequence), iteration=run.state.global_step)
         for name in self.eval_names(run):
             result = run.evaluator.evaluate(name, "test", part)
             rows.append({"after_task": after_task, "dataset": name, "top1": result.top1, "top5": result.top5})
@@ -429,6 +439,8 @@ class SequenceRunner:
             _say(run.log, fewshot_report.format_line(label, fewshot_rows))
             if self.save_dir is not None:
                 fewshot_report.write_rows(self.save_dir, after_task, fewshot_rows)
+        if self.reports is not None:
+            self.reports.finish(self.eval_names(run), lambda line: _say(run.log, line))
         if after_task is not None and self.save_dir is not None and rows:
             path = self.save_dir / "accuracy_matrix.csv"
             long = read_or_rebuild_matrix(path) if path.is_file() else mx.empty_matrix()
@@ -533,6 +545,9 @@ class SequenceRunner:
         state = run.state
         if state.finished:
             _say(run.log, f"{self.save_dir} already holds this finished run; nothing to resume")
+            if self.reports is not None:  # re-run with --report: the final reports it lacks, from its final weights
+                self.reports.catch_up(self.eval_names(run), lambda line: _say(run.log, line),
+                                      after_task=len(state.completed), iteration=state.global_step)
         if not state.zero_shot_evaluated:
             self.evaluate_row(run, 0)
             state.zero_shot_evaluated = True
