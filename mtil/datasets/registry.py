@@ -83,7 +83,7 @@ def find_entry(name: str) -> DatasetEntry:
     hint = f" (did you mean {lowered[name.lower()]}?)" if name.lower() in lowered else ""
     raise UserError(
         f"unknown dataset {name!r}{hint}; valid names: {', '.join(dataset_names())}, "
-        f"ImageNetClasses:N, ImageNetSubset:N, or ImageFolder:PATH"
+        f"ImageNetClasses:N, ImageNetSubset:N, ImageFolder:PATH, or CSV:PATH"
     )
 
 
@@ -237,4 +237,4 @@ def _failure(entry: DatasetEntry, name: str, location: str | Path, download: boo
 
 def _ensure_loaded() -> None:
     """Import the modules whose decorators fill the registry."""
-    from mtil.datasets import folders, toy, torchvision_sets  # noqa: F401
+    from mtil.datasets import csv_images, folders, toy, torchvision_sets  # noqa: F401
