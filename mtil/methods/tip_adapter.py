@@ -63,7 +63,9 @@ from mtil.engine.data_stream import _mix
 from mtil.engine.method import Method
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
+from mtil.adapters.tip_imo import IMOFeatures, TipIMOHead
 from mtil.models.heads import Head
+from mtil.models.imo_adapter import check_imo_fits, read_imo_file
 from mtil.models.transforms import BICUBIC, CLIP_MEAN, CLIP_STD
 from mtil.registry import register
 
@@ -128,6 +130,9 @@ class TipAdapter(Method):
                  help="Values of alpha (the cache term's weight) searched on val.")
         add_flag(group, "--tip-beta-grid", type=parse_grid, default=list(DEFAULT_BETAS), metavar="B1,B2,...",
                  help="Values of beta (the cache term's sharpness) searched on val.")
+        add_flag(group, "--imo-adapter", default=None, metavar="FILE", path=True,
+                 help="An IMO adapter file (python -m mtil.imo): the cache affinity (query and keys) uses the "
+                      "adapted image features, the zero-shot term the original ones (default: none).")
         add_flag(group, "--feature-cache", default=None, metavar="DIR", path=True,
                  help="Keep encoded image features (the cache's augmented views, val and test images) in DIR, "
                       "keyed by a hash of the image encoder's weights and what was encoded, so a later run with "
@@ -143,16 +148,27 @@ class TipAdapter(Method):
                             f"base and new classes with zero-shot heads: drop --base-new")
         check_cache_dir(config.feature_cache)
 
+    def check_inputs(self) -> None:
+        if self.config.imo_adapter:
+            self._imo_file = read_imo_file(self.config.imo_adapter)
+
+    def check_model(self, model) -> None:
+        if self.config.imo_adapter:
+            tensors, _ = getattr(self, "_imo_file", None) or read_imo_file(self.config.imo_adapter)
+            check_imo_fits(tensors, model, self.config.imo_adapter)
+
     def __init__(self, config):
         super().__init__(config)
+        self.imo: IMOFeatures | None = None  # --imo-adapter: the adapter's weights, encoding [original | adapted]
+        self.affinity_split = bool(config.imo_adapter)
         self.images_encoded = 0  # images this method put through the image encoder (the store's hits are not)
         self.records: dict[str, dict[str, Any]] = {}  # task -> what was chosen (the JSON's content)
 
     # ------------------------------------------------------------------ features
     def encoder(self) -> Head:
         """What encodes images for the cache and the search; must encode as ``head_class`` does (same
-        ``feature_id``). Default: CLIP's normalised image features."""
-        return Head()
+        ``feature_id``). Default: CLIP's normalised image features; with --imo-adapter, [original | adapted]."""
+        return self.imo if self.imo is not None else Head()
 
     def split_features(self, features: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(original, affinity) features; ``width`` is the text weights' dimension."""
@@ -200,6 +216,9 @@ class TipAdapter(Method):
         if evaluator.feature_store is None and cfg.feature_cache:  # the runner sets it; a bare Run may not
             evaluator.feature_store = store_of(cfg, run.precision)
         started = time.perf_counter()
+        if cfg.imo_adapter and self.imo is None:
+            tensors, meta = getattr(self, "_imo_file", None) or read_imo_file(cfg.imo_adapter)
+            self.imo = IMOFeatures(tensors, float(meta.get("scale", 0.1))).to(run.device)
         encoder = self.encoder()
         part = evaluator.fewshot.training_part
         text_weight = evaluator.zeroshot_head(task.name, part).weight.to(run.device).float()
@@ -224,6 +243,9 @@ class TipAdapter(Method):
             "selection": "top-1 on val; ties: lower val cross-entropy, then grid order (ascending, alpha outermost)",
         }
         head, choice, table, extra = self.build_head(run, task, text_weight, scale, cache, val, zero_shot)
+        if self.imo is not None:
+            head = TipIMOHead(head, self.imo)
+            record.update(imo_adapter=str(cfg.imo_adapter), imo_features=self.imo.feature_id)
         record.update(extra)
         record.update(chosen=choice.as_dict(), grid=self.grids(), results=[c.as_dict() for c in table],
                       images_encoded_by_method=self.images_encoded, feature_cache=cfg.feature_cache)

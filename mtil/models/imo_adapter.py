@@ -252,6 +252,21 @@ def _file_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | 
     return len(layers), width, dim
 
 
+def check_imo_fits(tensors: Mapping[str, torch.Tensor], model: nn.Module, path: str | os.PathLike) -> None:
+    """A one-line UserError unless the adapter ``tensors`` read from ``path`` fit ``model``'s image transformer
+    (layers and width; shapes only, so ``model`` may live on the meta device)."""
+    layout = _file_layout(tensors)
+    if layout is None:
+        raise UserError(f"IMO adapter file {path} is damaged: its tensors are not a complete set of "
+                        f"down/up weights and biases per layer")
+    layers, width, dim = layout
+    blocks = _blocks(model)
+    if (layers, dim) != (len(blocks), blocks[0].ln_2.weight.shape[0]):
+        raise UserError(f"IMO adapter file {path} holds {layers} layer(s) of width {dim}, but this model's image "
+                        f"transformer has {len(blocks)} layer(s) of width {blocks[0].ln_2.weight.shape[0]}: it was "
+                        f"trained for another model")
+
+
 def load_imo_adapters(model: nn.Module, path: str | os.PathLike, dropout: float | None = None) -> dict[str, Any]:
     """Load an adapter file into ``model`` and return its metadata. A model without adapters gets them (width and
     scale from the file; ``dropout`` from the file unless given); a model with adapters must have the file's width
