@@ -10,6 +10,17 @@ from typing import IO, Iterator
 from mtil.errors import no_space_cause, no_space_error
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file 0600; a file written here gets the mode open() would give it: the mode of the file it
+# replaces, else 0666 less the umask (so group members of a shared results folder can read checkpoints).
+DEFAULT_MODE = 0o666 & ~_process_umask()
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Write to a temporary file beside ``path``, then rename over it (rename is atomic on POSIX). A full disk
@@ -24,6 +35,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             raise no_space_error(path, cause) from None
         raise
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else DEFAULT_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

@@ -136,3 +136,21 @@ def test_the_cause_is_found_behind_torchs_runtime_error():
         assert no_space_cause(exc).errno == errno.ENOSPC
     assert no_space_cause(RuntimeError("other")) is None
     assert no_space_cause(OSError(errno.EACCES, "denied")) is None
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """mkstemp's 0600 must not leak: a new file gets 0666 less the umask, a replaced file keeps its mode."""
+    import stat
+
+    from mtil.atomic import DEFAULT_MODE, atomic_open
+
+    fresh = tmp_path / "fresh.txt"
+    with atomic_open(fresh) as handle:
+        handle.write("x")
+    with open(tmp_path / "plain.txt", "w") as handle:
+        handle.write("x")
+    assert stat.S_IMODE(fresh.stat().st_mode) == DEFAULT_MODE == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    fresh.chmod(0o640)
+    with atomic_open(fresh) as handle:
+        handle.write("y")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_text() == "y"
