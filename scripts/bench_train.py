@@ -85,8 +85,9 @@ def main() -> None:
     for component in ordered(components, "before_task"):
         component.before_task(run, task)
     extra = [m for c in components for m in c.extra_modules(run, task)]
-    groups = components[0].parameter_groups(run, task, parameter_groups(model, extra, settings.lr,
-                                                                        config.lr_multipliers))
+    groups = parameter_groups(model, extra, settings.lr, config.lr_multipliers)
+    for component in ordered(components, "parameter_groups"):  # the method's, then each component's (as the engine)
+        groups = component.parameter_groups(run, task, groups)
     optimizer = components[0].optimizer(run, task, groups) or build_optimizer(config.optimizer, groups, settings,
                                                                                 config.momentum)
     scaler = grad_scaler(precision, device)

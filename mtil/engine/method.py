@@ -16,7 +16,8 @@ Hooks, in the order the engine calls them: ``check_config`` (flags alone), ``che
 step ``loss`` (named terms, summed by the loop), ``after_backward`` (e.g. gradient projection), ``after_step``
 (e.g. weight averaging), and ``after_task``. ``state_dict``/``load_state_dict`` carry everything a resume needs; on
 a resume mid-task ``load_state_dict`` is called *after* ``before_task``, so it overrides what ``before_task``
-rebuilt. ``optimizer`` and ``parameter_groups`` (the method's only) decide how its parameters are updated.
+rebuilt. ``parameter_groups`` (the method's, then each component's in order) and ``optimizer`` (the
+method's only) decide how its parameters are updated.
 """
 from __future__ import annotations
 

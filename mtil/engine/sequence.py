@@ -102,7 +102,8 @@ def _set_determinism(config: argparse.Namespace) -> None:
 
 # Settings that decide which parameters the optimiser holds: an interrupted task cannot continue across them.
 OPTIMISER_SHAPING = {"method", "train_mode", "freeze", "optimizer", "lr_multipliers", "lora", "lora_r",
-                     "lora_target_modules", "lora_shared", "lora_shared_split_qkvo"}
+                     "lora_target_modules", "lora_shared", "lora_shared_split_qkvo", "lr_mult_vision",
+                     "lr_mult_text", "lr_mult_proj", "adapter_rank"}
 
 
 @dataclass
@@ -476,7 +477,8 @@ class SequenceRunner:
             return task
         extra = [m for c in self.components for m in c.extra_modules(run, task)]
         groups = parameter_groups(run.model, extra, settings.lr, config.lr_multipliers)
-        groups = self.method.parameter_groups(run, task, groups)
+        for component in ordered(self.components, "parameter_groups"):  # the method first, then components
+            groups = component.parameter_groups(run, task, groups)
         if not any(group["params"] for group in groups):
             raise UserError(f"--train-mode {config.train_mode} with --freeze {config.freeze} leaves nothing to train")
         task.optimizer = self.method.optimizer(run, task, groups) or \
