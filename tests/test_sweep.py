@@ -264,3 +264,13 @@ def test_seeds_runs_the_command_once_per_seed_and_writes_mean_and_std(tmp_path, 
     assert "Mean ± std over seeds 1, 2" in capsys.readouterr().out
     assert mtil_main(argv) == 0  # again: both finished, nothing runs
     assert capsys.readouterr().out.count("finished before, skipped") == 2
+
+
+def test_the_shipped_adapter_comparison_grid_plans_every_point(tmp_path, capsys):
+    """configs/sweeps/few_shot_adapters.yaml: every variant's flags pass mtil's checks at every shot count."""
+    grid = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "few_shot_adapters.yaml"
+    base = f"{sys.executable} -m mtil.main --model toyclip --train-dataset ToyColorB --report --log-every 0"
+    assert sweep(["--base", base, "--grid-file", str(grid), "--seeds", "1,2,3", "--out", str(tmp_path / "s"),
+                  "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "99 points" in out and out.count("--method tip-x ") == 18 and out.count("--imo-adapter") == 27
