@@ -49,8 +49,10 @@ class WeightEnsemble(Component):
         self.count = 0
 
     def before_task(self, run, task) -> None:
-        self.start = clone(trainable_parameters(run.model))
-        self.average = clone(self.start)
+        self.average = clone(trainable_parameters(run.model))
+        # The task-start weights are needed again only by --we-wise's blend: without it no second copy is kept
+        # (with --l2 the anchor is one already; a ViT-B/16 copy is 600 MB on the device).
+        self.start = clone(self.average) if self.config.we_wise else None
         self.count = 1
 
     @torch.no_grad()
@@ -82,5 +84,6 @@ class WeightEnsemble(Component):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("average") is not None and self.average is not None:
             device = next(iter(self.average.values())).device
-            self.start, self.average = to_device(state["start"], device), to_device(state["average"], device)
+            self.average = to_device(state["average"], device)
+            self.start = to_device(state["start"], device) if self.config.we_wise else None
             self.count = int(state["count"])
