@@ -289,7 +289,7 @@ def test_lora_with_weight_ensembling_and_wise(tmp_path, monkeypatch, small_toy_t
 
     def we_before_task(self, run, task):
         we_before(self, run, task)
-        seen["we_tracks"] = sorted(self.start)
+        seen["we_tracks"] = sorted(self.average)
 
     def we_after_task(self, run, task):
         seen["we_sees_adapters"] = L.has_lora(run.model)
