@@ -104,6 +104,11 @@ def resolve_distributed(device: str = "auto", environ: Mapping[str, str] | None 
     return DistributedEnv(rank, world, local, chosen, "nccl" if cuda else "gloo", launcher)
 
 
+def launched_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """How many processes the launcher started (1 without torchrun / srun); reads the environment only."""
+    return _launch(os.environ if environ is None else environ)[1]
+
+
 def init_distributed(env: DistributedEnv) -> None:
     """Join the process group (nothing for one process). Call after every check has passed on every rank."""
     if not env.distributed or dist.is_initialized():

@@ -148,16 +148,22 @@ def eval_single(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """Train the task sequence (resuming from ``--save`` when it holds this run); exit 3 when preempted."""
     from mtil import registry
+    from mtil.distributed import cleanup_distributed, launched_world_size, resolve_distributed
     from mtil.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_on_signals
     from mtil.engine.sequence import SequenceRunner
 
-    runner = SequenceRunner(args, registry.build_components(args), path_flags())
+    env = resolve_distributed(args.device) if launched_world_size() > 1 else None  # torchrun / srun
+    runner = SequenceRunner(args, registry.build_components(args), path_flags(), env=env)
     with stop_on_signals(runner.stop):
         try:
             runner.run()
+            runner.parallel.barrier()  # no rank leaves the process group while another still uses it
         except Preempted as exc:
-            print(f"mtil: {exc}; latest checkpoint saved in {args.save}; re-run the same command to resume")
+            if runner.parallel.is_main:
+                print(f"mtil: {exc}; latest checkpoint saved in {args.save}; re-run the same command to resume")
             return PREEMPTED_EXIT_CODE
+        finally:
+            cleanup_distributed()
     return 0
 
 

@@ -49,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
         job = jobs.evaluate
     else:
         job = jobs.train
+    if job is not jobs.train:
+        from mtil.distributed import launched_world_size
+
+        if launched_world_size() > 1:
+            raise UserError(f"{launched_world_size()} processes were started (torchrun / srun), but only training "
+                            f"runs on several processes: run {job.__name__.replace('_', '-')} as one process")
     if job not in (jobs.train, jobs.seeds):  # --seeds passes a stop request on to the run in progress
         from mtil.engine.preemption import release_early_handlers
 

@@ -163,10 +163,10 @@ def test_the_zeroshot_method_takes_no_component(capsys):
 
 
 def test_several_processes_are_refused_until_a_method_declares_support(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main([*FAST, "--train-dataset", "ToyShape", "--iterations", "2"]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # finetune declares support (tests/test_distributed.py); LwF does not
+    assert main([*FAST, "--method", "lwf", "--train-dataset", "ToyShape", "--iterations", "2"]) == 2
     err = capsys.readouterr().err
-    assert "2 processes" in err and "--method finetune" in err and err.count("\n") == 1
+    assert "2 processes" in err and "--method lwf" in err and err.count("\n") == 1
 
 
 class HookCounter(Method):

@@ -29,10 +29,10 @@ class Progress:
     """A line every ``--log-every`` steps, on stdout whether or not it is a terminal (SLURM logs), and in
     train.log: loss terms, learning rate, images per second and the task's ETA over the last window."""
 
-    def __init__(self, run: Run, task: TaskContext, every: int):
-        self.run, self.task, self.every = run, task, every
+    def __init__(self, run: Run, task: TaskContext, every: int, show: bool = True):
+        self.run, self.task, self.every = run, task, every if show else 0
         self.bar = tqdm(total=task.total_steps, initial=run.state.step, desc=task.name, dynamic_ncols=True,
-                        disable=None, leave=False)
+                        disable=None if show else True, leave=False)
         self._mark(run.state.step)
 
     def _mark(self, step: int) -> None:
@@ -65,20 +65,27 @@ class Progress:
         self.bar.close()
 
 
-def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None, batch, guard: NonFiniteGuard | None = None,
-                      where: str = "") -> dict[str, torch.Tensor]:
-    """One step: every component's named loss terms (under ``--precision`` autocast), their float32 sum, backward
-    (scaled for fp16, the gradients unscaled before the hooks see them), the numerical guard, ``after_backward``
-    hooks, the optimiser step (none when the guard skips a non-finite step). Returns the loss terms. ``hooks``:
-    hook name -> the components in that hook's order."""
+def component_losses(run: Run, components: Sequence[Method], batch) -> dict[str, torch.Tensor]:
+    """Every component's named loss terms of ``batch``, under ``--precision`` autocast."""
     losses: dict[str, torch.Tensor] = {}
     with run.autocast():
-        for component in hooks["loss"]:
+        for component in components:
             for name, value in component.loss(run, batch).items():
                 if name in losses:
                     raise RuntimeError(f"two components both return a loss named {name!r}")
                 losses[name] = value
+    return losses
+
+
+def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None, batch, guard: NonFiniteGuard | None = None,
+                      where: str = "", compute: Callable | None = None) -> dict[str, torch.Tensor]:
+    """One step: every component's named loss terms (under ``--precision`` autocast), their float32 sum, backward
+    (scaled for fp16, the gradients unscaled before the hooks see them), the numerical guard, ``after_backward``
+    hooks, the optimiser step (none when the guard skips a non-finite step). Returns the loss terms. ``hooks``:
+    hook name -> the components in that hook's order. ``compute`` (batch -> loss terms): how the terms are
+    computed, e.g. through DistributedDataParallel (default: :func:`component_losses` directly)."""
+    losses = compute(batch) if compute is not None else component_losses(run, hooks["loss"], batch)
     total = sum(value.float() for value in losses.values())
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
@@ -122,11 +129,18 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
         return
     hooks = {hook: ordered(list(components), hook) for hook in ("loss", "after_backward", "after_step")}
     raw, transform, collate = components[0].train_items(run, task)
+    parallel = run.parallel
     loader = batch_stream(raw, transform, batch_size=task.settings.batch_size, seed=config.seed, stream=stream_id,
                           start_step=state.step, total_steps=task.total_steps, workers=config.workers,
-                          pin_memory=run.device.type == "cuda", collate_fn=collate)
+                          pin_memory=run.device.type == "cuda", collate_fn=collate, rank=parallel.rank,
+                          world=parallel.world_size)
+    compute = None
+    if parallel.distributed:  # gradients averaged over the ranks during backward (mtil.engine.parallel)
+        trained = [p for group in task.optimizer.param_groups for p in group["params"]]
+        compute = parallel.wrap_losses(lambda batch: component_losses(run, hooks["loss"], batch), trained,
+                                       run.device)
     run.model.train()
-    progress = Progress(run, task, config.log_every)
+    progress = Progress(run, task, config.log_every, show=parallel.is_main)
     optimizer, scaler = task.optimizer, task.scaler
     if scaler is not None:  # fp16: a step whose gradients overflowed is skipped by design, not a misuse
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -134,7 +148,8 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
         guard = NonFiniteGuard(config.skip_nonfinite, state.nonfinite_skipped)
         for batch in loader:
             losses = optimization_step(run, hooks, optimizer, scaler, batch, guard,
-                                       where=f"{task.name} step {state.step + 1}/{task.total_steps}")
+                                       where=f"{task.name} step {state.step + 1}/{task.total_steps}",
+                                       compute=compute)
             state.nonfinite_skipped = guard.skipped
             task.scheduler.step()
             state.step += 1
@@ -147,9 +162,10 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
             if (evaluate_mid_task and config.eval_interval and not last
                     and state.step % config.eval_interval == 0):
                 evaluate_mid_task()
-            if stop.requested and not last:
+            if parallel.any(stop.requested, run.device) and not last:  # every rank votes: all stop together
                 save_latest()
-                raise Preempted(f"stopped by {stop.signal_name} at {task.name} step {state.step}")
+                raise Preempted(f"stopped by {stop.signal_name or 'another process'} at {task.name} step "
+                                f"{state.step}")
             if config.checkpoint_interval and not last and state.step % config.checkpoint_interval == 0:
                 save_latest()
     finally:

@@ -12,6 +12,7 @@ import torch.nn as nn
 from clip.model import CLIP
 
 from mtil.datasets.base import TaskData
+from mtil.engine.parallel import SINGLE, Parallel
 from mtil.engine.precision import autocast
 from mtil.engine.state import TrainingState
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
@@ -64,6 +65,7 @@ class Run:
     zeroshot_state: Callable[[], dict[str, torch.Tensor]] = field(default=lambda: {}, repr=False)
     precision: str = "fp32"  # resolved --precision
     task_settings: dict[str, TaskSettings] = field(default_factory=dict)  # this process's tasks, by dataset
+    parallel: Parallel = SINGLE  # this process's rank among the job's processes (mtil.engine.parallel)
 
     def autocast(self):
         """The forward passes' arithmetic (``--precision``); weights and summed losses stay float32."""

@@ -23,6 +23,7 @@ from mtil.atomic import atomic_open
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.fewshot import check_views, protocol_of, task_data
 from mtil.datasets.registry import check_readable
+from mtil.distributed import DistributedEnv, init_distributed, is_main
 from mtil.engine.checkpoint import (
     DERIVED,
     LATEST,
@@ -41,6 +42,7 @@ from mtil.engine.loop import train_steps
 from mtil.engine.method import Method, ordered
 from mtil.engine.numerics import check_weights_finite
 from mtil.engine.optim import build_optimizer, parameter_groups
+from mtil.engine.parallel import SINGLE, Parallel, check_batch_sizes
 from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision
 from mtil.engine.preemption import StopFlag
 from mtil.engine.run import TASK_SETTINGS, Run, TaskContext, TaskSettings
@@ -87,7 +89,8 @@ def _logger(save_dir: Path | None) -> logging.Logger:
 
 
 def _say(run_log: logging.Logger, message: str) -> None:
-    print(message, flush=True)
+    if is_main():  # several processes: rank 0 speaks for all (only it has a train.log)
+        print(message, flush=True)
     run_log.info(message)
 
 
@@ -122,8 +125,11 @@ class SequenceRunner:
     """Owns one run: checks everything, builds it (fresh or resumed), trains every remaining task and writes
     every artefact. ``components`` (method first) come from the registry; the engine imports no method."""
 
-    def __init__(self, config: argparse.Namespace, components: list[Method], path_keys: set[str] = frozenset()):
+    def __init__(self, config: argparse.Namespace, components: list[Method], path_keys: set[str] = frozenset(),
+                 env: DistributedEnv | None = None):
         self.config = config
+        self.env = env  # several processes (torchrun / srun): joined in build(), after every check passed
+        self.parallel = Parallel(env.rank, env.world_size) if env is not None and env.distributed else SINGLE
         self.specs = resolve_tasks(config)
         if not self.specs:
             raise UserError("nothing to train: give --train-dataset A,B,... (or a named order) or --sequence FILE")
@@ -131,7 +137,9 @@ class SequenceRunner:
         if repeated:
             raise UserError(f"{', '.join(repeated)} appears more than once in the sequence: each task is another "
                             f"dataset (the accuracy matrix has one column per dataset)")
-        self.save_dir = Path(config.save) if config.save else None
+        # read_dir: where a saved run is read from (every rank); save_dir: where files are written (rank 0 only)
+        self.read_dir = Path(config.save) if config.save else None
+        self.save_dir = self.read_dir if self.parallel.is_main else None
         self.path_keys = set(path_keys)
         self.components: list[Method] = components
         self.method: Method = self.components[0]
@@ -150,6 +158,8 @@ class SequenceRunner:
     # ---------------------------------------------------------------- checks (nothing written)
     def check_settings(self) -> None:
         """Every task has a length (unless the method trains nothing)."""
+        check_batch_sizes({spec.dataset: settings.batch_size for spec, settings in zip(self.specs, self.settings)},
+                          self.parallel.world_size)
         if self.method.training_free or type(self.method).sets_task_length(self.config):
             return
         missing = [spec.dataset for spec, settings in zip(self.specs, self.settings) if not has_length(settings)]
@@ -210,15 +220,15 @@ class SequenceRunner:
 
     def _continues_chain(self) -> bool:
         """A chain link loads the previous link's task checkpoint from the same folder."""
-        return bool(self.config.load) and Path(self.config.load).resolve().parent == self.save_dir.resolve()
+        return bool(self.config.load) and Path(self.config.load).resolve().parent == self.read_dir.resolve()
 
     def _saved_latest(self) -> dict | None:
         """The checkpoint to resume from: latest.pth, or when it is damaged (or gone while latest.prev.pth is
         there) the newest good earlier one: latest.prev.pth, then the task checkpoints, newest first. Never
         starts over silently: with no good checkpoint it is a one-line error."""
-        if self.save_dir is None:
+        if self.read_dir is None:
             return None
-        latest, previous = self.save_dir / LATEST, self.save_dir / PREVIOUS
+        latest, previous = self.read_dir / LATEST, self.read_dir / PREVIOUS
         if not latest.is_file() and not previous.is_file():
             return None
         damage = f"{latest} is missing"
@@ -229,7 +239,7 @@ class SequenceRunner:
                 return saved
             except UserError as exc:
                 damage = str(exc)
-        tasks = sorted((p for p in self.save_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
+        tasks = sorted((p for p in self.read_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
                        key=lambda p: p.stat().st_mtime, reverse=True)
         for fallback in [previous, *tasks]:
             if not fallback.is_file():
@@ -239,11 +249,12 @@ class SequenceRunner:
             except UserError:
                 continue
             state = saved["state"]
-            print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
-                  f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
+            if self.parallel.is_main:
+                print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
+                      f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
             self.resumed_from = fallback
             return saved
-        raise UserError(f"{damage}, and {self.save_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
+        raise UserError(f"{damage}, and {self.read_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
                         f"checkpoint) to resume from; move the folder away to start over")
 
     def _resumable(self, saved: dict) -> dict | None:
@@ -259,14 +270,14 @@ class SequenceRunner:
         described = describe_differences(differences)
         if state.finished:
             raise UserError(
-                f"{self.save_dir} holds a finished run with other settings (saved -> now: {described}); use another "
+                f"{self.read_dir} holds a finished run with other settings (saved -> now: {described}); use another "
                 f"--save (a chain's next link must --load a checkpoint from that folder)"
             )
         mid_task = state.step > 0 and "optimizer" in saved
         structural = [k for k, _, _ in differences if k in OPTIMISER_SHAPING]
         if self.config.force_resume and mid_task and structural:
             raise UserError(
-                f"--force-resume cannot carry {self.save_dir}'s interrupted task over a change of "
+                f"--force-resume cannot carry {self.read_dir}'s interrupted task over a change of "
                 f"{', '.join('--' + k.replace('_', '-') for k in structural)}: its saved optimiser state belongs to "
                 f"other parameters; resume with the saved values (saved -> now: {described}) or use another --save")
         if self.config.force_resume:
@@ -274,7 +285,7 @@ class SequenceRunner:
                   f"interrupted mid-way keeps its saved optimiser and schedule; new settings apply from the next task)")
             return saved
         raise UserError(
-            f"{self.save_dir} holds an unfinished run with other settings (saved -> now: {described}); re-run with "
+            f"{self.read_dir} holds an unfinished run with other settings (saved -> now: {described}); re-run with "
             f"its settings to resume, pass --force-resume to resume anyway, or use another --save"
         )
 
@@ -302,7 +313,7 @@ class SequenceRunner:
         config = self.config
         self.check_settings()
         self.check_data()
-        device = resolve_device(config.device)
+        device = self.env.device if self.parallel.distributed else resolve_device(config.device)
         saved = self._saved_latest()
         if saved is not None:
             arch = Architecture.from_dict(saved["arch"])
@@ -323,6 +334,8 @@ class SequenceRunner:
         """Check everything, then (and only then) create the save folder, its log and config.yaml."""
         config = self.config
         prepared = self.prepare()
+        if self.parallel.distributed:  # every check passed on this rank: join the others
+            init_distributed(self.env)
         device, state = prepared.device, prepared.state
         announce_device(config.device, device)
         _set_determinism(config)
@@ -336,18 +349,20 @@ class SequenceRunner:
                 _say(log, f"removed {len(orphans)} temporary file(s) an interrupted write left: {', '.join(orphans)}")
             typed = set(getattr(config, "_cli", ())) | set(getattr(config, "_file", ()))
             write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings(), typed)
+        self.parallel.barrier()  # rank 0 removed the orphans before another rank could read the folder
         evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
                                       max_size=config.max_evaluation_size, seed=config.seed,
                                       autocast_dtype=DTYPES[precision])
         evaluator.fewshot = protocol_of(config)
+        evaluator.parallel = self.parallel
         evaluator.feature_store = store_of(config, precision)  # --feature-cache DIR (Tip-Adapter's), else None
         if getattr(config, "report", False) and self.save_dir is not None:
             self.reports = ReportWriter(self.save_dir / REPORTS_FOLDER, {
                 "model": config.model, "load": config.load, "method": config.method, "train_mode": config.train_mode,
                 "sequence": list(state.sequence)}).attach(evaluator)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
-                  precision=precision)
+                  precision=precision, parallel=self.parallel)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
         run.task_settings = {spec.dataset: settings for spec, settings in zip(self.specs, self.settings)}
         evaluator.learned_heads = run.heads
@@ -356,8 +371,11 @@ class SequenceRunner:
         if self.resumed is not None:
             for component in self.components:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
+        processes = f", {self.parallel.world_size} processes ({self.env.launcher}, {self.env.backend})" \
+            if self.parallel.distributed else ""
         _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model "
-                  f"{prepared.source}; device {device}, precision {precision}, {torch.get_num_threads()} threads")
+                  f"{prepared.source}; device {device}, precision {precision}, {torch.get_num_threads()} threads"
+                  f"{processes}")
         for line in self._settings_report():
             _say(log, line)
         return run
@@ -408,6 +426,7 @@ class SequenceRunner:
             save_checkpoint(self.save_dir / LATEST, payload or self._payload(run, with_optimizer),
                             keep_previous=self.latest_is_good)
             self.latest_is_good = True
+        self.parallel.barrier()  # the other ranks go on once rank 0's checkpoint is complete
 
     # ---------------------------------------------------------------- evaluation
     def eval_names(self, run: Run) -> list[str]:
@@ -446,6 +465,7 @@ class SequenceRunner:
             path = self.save_dir / "accuracy_matrix.csv"
             long = read_or_rebuild_matrix(path) if path.is_file() else mx.empty_matrix()
             mx.write_matrix(path, mx.upsert_rows(long, rows), run.state.sequence)
+        self.parallel.barrier()
         return rows
 
     # ---------------------------------------------------------------- tasks
@@ -534,6 +554,8 @@ class SequenceRunner:
             if keep != "all":  # only once the new checkpoints are written: never fewer than one good copy
                 kept = {safe_name(task.name)} if keep == "last" else set()
                 self._remove_task_checkpoints([n for n in state.completed if safe_name(n) not in kept])
+        else:
+            self.parallel.barrier()  # rank 0's save_latest above ends in the same barrier
         run.task = None
 
     def _remove_task_checkpoints(self, tasks: list[str]) -> None:

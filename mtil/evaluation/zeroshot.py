@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from mtil.datasets.base import TaskData
 from mtil.datasets.fewshot import FewShot, open_view
+from mtil.engine.parallel import SINGLE, Parallel
 from mtil.evaluation.sampling import balanced_sample
 from mtil.models.heads import Head, ZeroShotHead
 from mtil.models.text import zeroshot_head
@@ -72,6 +73,8 @@ class ZeroShotEvaluator:
         self.feature_store = None
         # Called with (EvalResult, split, part, logits, labels) after every evaluation (classification reports).
         self.logits_listeners: list = []
+        # Several processes: each encodes its run of whole batches, every rank gets all features (see _encoded).
+        self.parallel: Parallel = SINGLE
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +117,10 @@ class ZeroShotEvaluator:
             dataset = task.dataset(split, eval_transform(self.model.visual.input_resolution))
             if self.max_size is not None and self.max_size < len(dataset):
                 dataset = Subset(dataset, balanced_sample(task.targets(split), self.max_size, self.seed))
+            if self.parallel.distributed:  # this rank's batches: exactly those one process would form
+                mine = self.parallel.batch_range(-(-len(dataset) // self.batch_size))
+                dataset = Subset(dataset, range(mine.start * self.batch_size,
+                                                min(mine.stop * self.batch_size, len(dataset))))
             self._loaders[key] = DataLoader(
                 dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -142,7 +149,13 @@ class ZeroShotEvaluator:
                 features.append(head.encode(self.model, images).float())
             labels.append(targets.to(self.device, non_blocking=True))
         self.model.train(was_training)
-        features, labels = torch.cat(features), torch.cat(labels)
+        if self.parallel.distributed:  # every rank's batches, in order, on every rank
+            features = self.parallel.gather_rows(torch.cat(features) if features else None, matrix=True,
+                                                 device=self.device)
+            labels = self.parallel.gather_rows(torch.cat(labels) if labels else None, dtype=torch.int64,
+                                               device=self.device)
+        else:
+            features, labels = torch.cat(features), torch.cat(labels)
         self.images_encoded += labels.numel()
         if self.feature_store is not None:
             self.feature_store.save(self.model, self.model_version, descriptor, features.cpu(), labels.cpu())

@@ -20,6 +20,7 @@ class Finetune(Method):
 
     name = "finetune"
     summary = "cross-entropy on the current task (the baseline)"
+    supports_distributed = True  # the mean CE over each rank's equal share: DDP's average is the global mean's
 
     def before_task(self, run, task) -> None:
         mode = run.config.train_mode

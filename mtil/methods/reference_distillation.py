@@ -55,6 +55,7 @@ class ReferenceDistillation(Finetune):
 
     name = "reference-distillation"
     flag_group = ("Distillation (ZSCL, LwF, LwF-VR, iCaRL)", "The distillation losses these methods share.")
+    supports_distributed = False  # not Finetune's: the reference batches are not yet shared out per process
     # The student's logits use the teacher's sentence features (as in ZSCL), so distillation acts through the
     # image encoder only: with --train-mode text it would do nothing; fc trains a head on frozen features.
     train_modes = DISTILLATION_MODES
