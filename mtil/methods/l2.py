@@ -51,7 +51,8 @@ class L2Consolidation(Component):
         return tensors, torch._foreach_sub([t.detach() for t in tensors], [self.anchor[n] for n in names])
 
     def loss(self, run, batch) -> dict[str, torch.Tensor]:
-        _, differences = self._differences(run)
+        params, differences = self._differences(run)
+        self._pending = (params, differences)  # after_backward adds them to the gradients (the same weights)
         if not differences:
             return {"l2": torch.zeros((), device=run.device)}
         squares = torch.stack(torch._foreach_norm(differences)).float().pow(2).sum()
@@ -59,16 +60,21 @@ class L2Consolidation(Component):
 
     @torch.no_grad()
     def after_backward(self, run) -> None:
-        params, differences = self._differences(run)
+        pending, self._pending = getattr(self, "_pending", None), None
+        params, differences = pending if pending is not None else self._differences(run)
         if not params:
             return
-        torch._foreach_mul_(differences, 2 * self.config.l2)  # (a scalar, not foreach's alpha: huge W gives inf)
+        factor = 2 * self.config.l2
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        for i, p in enumerate(params):
-            if p.grad is None:
-                p.grad = differences[i]
+        without = [i for i, p in enumerate(params) if p.grad is None]
+        if without or not _fits_float32(factor):  # (foreach's alpha must fit a float32; a huge W must give inf)
+            torch._foreach_mul_(differences, factor)
+            factor = 1.0
+        for i in without:
+            params[i].grad = differences[i]
         if with_grad:
-            torch._foreach_add_([params[i].grad for i in with_grad], [differences[i] for i in with_grad])
+            torch._foreach_add_([params[i].grad for i in with_grad], [differences[i] for i in with_grad],
+                                alpha=factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": to_cpu(self.anchor)}
@@ -76,3 +82,7 @@ class L2Consolidation(Component):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("anchor") is not None and self.anchor is not None:
             self.anchor = to_device(state["anchor"], next(iter(self.anchor.values())).device)
+
+
+def _fits_float32(value: float) -> bool:
+    return abs(value) <= torch.finfo(torch.float32).max
