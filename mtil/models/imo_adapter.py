@@ -252,14 +252,19 @@ def _file_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | 
     return len(layers), width, dim
 
 
-def check_imo_fits(tensors: Mapping[str, torch.Tensor], model: nn.Module, path: str | os.PathLike) -> None:
-    """A one-line UserError unless the adapter ``tensors`` read from ``path`` fit ``model``'s image transformer
-    (layers and width; shapes only, so ``model`` may live on the meta device)."""
+def _checked_layout(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> tuple[int, int, int]:
+    """(layers, width, vision width) of an adapter file's tensors; a one-line UserError when they are not a set."""
     layout = _file_layout(tensors)
     if layout is None:
         raise UserError(f"IMO adapter file {path} is damaged: its tensors are not a complete set of "
                         f"down/up weights and biases per layer")
-    layers, width, dim = layout
+    return layout
+
+
+def check_imo_fits(tensors: Mapping[str, torch.Tensor], model: nn.Module, path: str | os.PathLike) -> None:
+    """A one-line UserError unless the adapter ``tensors`` read from ``path`` fit ``model``'s image transformer
+    (layers and width; shapes only, so ``model`` may live on the meta device)."""
+    layers, width, dim = _checked_layout(tensors, path)
     blocks = _blocks(model)
     if (layers, dim) != (len(blocks), blocks[0].ln_2.weight.shape[0]):
         raise UserError(f"IMO adapter file {path} holds {layers} layer(s) of width {dim}, but this model's image "
@@ -273,11 +278,7 @@ def load_imo_adapters(model: nn.Module, path: str | os.PathLike, dropout: float 
     and layer count. The adapters take the file's ``scale`` and are switched on. Shapes that do not fit are a
     one-line UserError naming the file, what it holds and what this model expects."""
     tensors, meta = read_imo_file(path)
-    layout = _file_layout(tensors)
-    if layout is None:
-        raise UserError(f"IMO adapter file {path} is damaged: its tensors are not a complete set of "
-                        f"down/up weights and biases per layer")
-    layers, width, dim = layout
+    layers, width, dim = _checked_layout(tensors, path)
     blocks = _blocks(model)
     model_dim = blocks[0].ln_2.weight.shape[0]
     current_width = imo_adapters(model)[0].width if has_imo_adapters(model) else width
