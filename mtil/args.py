@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import os
 import string
 import sys
 from pathlib import Path
@@ -462,7 +461,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         _check_fewshot_flags(args, cli, method)
         if args.shots is None:
             inert(["fewshot_seed"], "--fewshot-seed seeds the draw of --shots, which is not given")
-        registry.check_combination(args, world_size=requested_world_size())
+        from mtil.distributed import launched_world_size  # the one reading of torchrun's / srun's variables
+
+        registry.check_combination(args, world_size=launched_world_size())
         for dest, owner in registry.inert_flags(args, owners, args._defaults):
             message = registry.inert_message(_flag(parser, dest), owner, args)
             if dest in cli:
@@ -523,15 +524,6 @@ def _check_optimizer_flags(args: argparse.Namespace, cli: set[str], parser) -> N
     if "head" in args.lr_multipliers and args.train_mode not in ("image-fc", "fc"):
         raise UserError(f"--lr-multipliers head=...: --train-mode {args.train_mode} trains no linear head "
                         f"(image-fc and fc do)")
-
-
-def requested_world_size() -> int:
-    """Processes this job was started as (torchrun's WORLD_SIZE, or an srun step's task count); 1 otherwise."""
-    for variable in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
-        value = os.environ.get(variable, "")
-        if value.isdigit() and int(value) > 1:
-            return int(value)
-    return 1
 
 
 def is_template(text: str) -> bool:

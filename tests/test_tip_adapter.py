@@ -250,7 +250,7 @@ def test_tip_adapter_run_beats_zero_shot_and_a_second_run_skips_the_image_encode
 def test_the_search_never_reads_the_test_split(tmp_path, monkeypatch):
     """Tip-X (the largest search) chooses the same with the test images' features and labels poisoned."""
     assert main([*TOY, "--method", "tip-x", "--save", str(tmp_path / "clean")]) == 0
-    original = ZeroShotEvaluator._encoded
+    original = ZeroShotEvaluator.encoded
 
     def poisoned(self, name, split, part, head):
         features, labels = original(self, name, split, part, head)
@@ -260,7 +260,7 @@ def test_the_search_never_reads_the_test_split(tmp_path, monkeypatch):
             labels = torch.randint(0, 4, labels.shape, generator=g)
         return features, labels
 
-    monkeypatch.setattr(ZeroShotEvaluator, "_encoded", poisoned)
+    monkeypatch.setattr(ZeroShotEvaluator, "encoded", poisoned)
     assert main([*TOY, "--method", "tip-x", "--save", str(tmp_path / "poisoned")]) == 0
     clean, dirty = (json.loads((tmp_path / s / "tip_ToyColorB.json").read_text()) for s in ("clean", "poisoned"))
     assert dirty["chosen"] == clean["chosen"] and dirty["results"] == clean["results"]

@@ -73,7 +73,7 @@ class ZeroShotEvaluator:
         self.feature_store = None
         # Called with (EvalResult, split, part, logits, labels) after every evaluation (classification reports).
         self.logits_listeners: list = []
-        # Several processes: each encodes its run of whole batches, every rank gets all features (see _encoded).
+        # Several processes: each encodes its run of whole batches, every rank gets all features (see encoded).
         self.parallel: Parallel = SINGLE
 
     @property
@@ -130,7 +130,7 @@ class ZeroShotEvaluator:
             )
         return self._loaders[key]
 
-    def _encoded(self, name: str, split: str, part: str, head: Head) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoded(self, name: str, split: str, part: str, head: Head) -> tuple[torch.Tensor, torch.Tensor]:
         """The features ``head`` classifies and the labels of every image of the split (a feature store, when
         set, answers instead of the image encoder, and keeps what was encoded)."""
         descriptor = {"dataset": name, "split": split, "part": part, "features": head.feature_id,
@@ -165,7 +165,7 @@ class ZeroShotEvaluator:
     def evaluate(self, name: str, split: str = "test", part: str = "all") -> EvalResult:
         """Top-1/top-5 of ``split`` (test, or a few-shot run's val) of the ``part`` (all, base, new) of ``name``."""
         head = self.head(name) if part == "all" else self.head(name, part)
-        features, labels = self._encoded(name, split, part, head)
+        features, labels = self.encoded(name, split, part, head)
         classes = len(self.task(name, part).classnames)
         logits = torch.cat([head(chunk) for chunk in features.split(self.batch_size)])
         top = logits.topk(min(5, classes), dim=1).indices

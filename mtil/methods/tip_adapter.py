@@ -230,7 +230,7 @@ class TipAdapter(Method):
         cache = {"keys": keys, "values": one_hot_values(labels, classes), "labels": labels,
                  "original_keys": F.normalize(F.normalize(original, dim=-1).mean(dim=0), dim=-1),
                  "original_views": original, "affine_views": affine}
-        val_features, val_labels = evaluator._encoded(task.name, "val", part, encoder)
+        val_features, val_labels = evaluator.encoded(task.name, "val", part, encoder)
         val_original, val_affine = self.split_features(val_features.float(), width)
         val = {"original": val_original, "affine": val_affine, "labels": val_labels.long()}
         zero_shot = zero_shot_logits(val_original, text_weight, scale)
