@@ -286,13 +286,14 @@ def test_stateful_method_resumes_exactly(tmp_path, monkeypatch):
     methods = latest["methods"]
     assert set(methods) == {"lwf", "l2", "we"}
     assert methods["we"]["count"] == 3  # start + steps 2 and 4
-    assert methods["lwf"]["teacher"] is not None and methods["l2"]["anchor"] is not None
+    # L2's anchor is the run's one task-start copy, saved once beside the components' states (mtil.engine.task_start)
+    assert methods["lwf"]["teacher"] is not None and latest["task_start"] is not None
+    assert "anchor" not in methods["l2"] and "start" not in methods["we"]
     # The teacher and the anchor are the task-2 start weights (= ToyShape.pth), not the step-4 weights.
     start = load(killed / "ToyShape.pth")["model"]
     for name in ("visual.conv1.weight", "token_embedding.weight"):
         assert torch.equal(methods["lwf"]["teacher"][name], start[name])
-        assert torch.equal(methods["l2"]["anchor"][name], start[name])
-        assert methods["we"]["start"] is None  # kept only for --we-wise's blend
+        assert torch.equal(latest["task_start"][name], start[name])
         assert not torch.equal(latest["model"][name], start[name])
 
     assert main([*STATEFUL, "--save", str(killed)]) == 0

@@ -15,6 +15,7 @@ from mtil.datasets.base import TaskData
 from mtil.engine.parallel import SINGLE, Parallel
 from mtil.engine.precision import autocast
 from mtil.engine.state import TrainingState
+from mtil.engine.task_start import TaskStartWeights
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.models.architectures import Architecture
 from mtil.models.heads import Head
@@ -66,6 +67,13 @@ class Run:
     precision: str = "fp32"  # resolved --precision
     task_settings: dict[str, TaskSettings] = field(default_factory=dict)  # this process's tasks, by dataset
     parallel: Parallel = SINGLE  # this process's rank among the job's processes (mtil.engine.parallel)
+    # the trainable weights as the current task began: one copy for every component (mtil.engine.task_start)
+    task_start: TaskStartWeights = field(default_factory=TaskStartWeights, repr=False)
+
+    def task_start_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable weights as the current task began, on the training device; the same dict for every caller
+        during the task (read-only). Ask in ``before_task``."""
+        return self.task_start.get(self.model)
 
     def autocast(self):
         """The forward passes' arithmetic (``--precision``); weights and summed losses stay float32."""

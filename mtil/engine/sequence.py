@@ -416,6 +416,8 @@ class SequenceRunner:
         if with_optimizer and task is not None and task.optimizer is not None:
             payload["optimizer"] = task.optimizer.state_dict()
             payload["scheduler"] = task.scheduler.state_dict()
+            if (task_start := run.task_start.state_dict()) is not None:  # once, for every component that uses it
+                payload["task_start"] = task_start
             if task.scaler is not None:
                 payload["scaler"] = task.scaler.state_dict()
         return payload
@@ -484,8 +486,10 @@ class SequenceRunner:
         if self.method.training_free:
             for param in run.model.parameters():
                 param.requires_grad_(False)
+        run.task_start.reset()  # one copy of the task-start weights, taken when a component first asks for it
         for component in ordered(self.components, "before_task"):
             component.before_task(run, task)
+        run.task_start.seal()  # weights move from here on: a first request now would copy trained weights
         if self.method.training_free:
             task.total_steps = state.total_steps = 0
             return task
@@ -526,6 +530,8 @@ class SequenceRunner:
             # the interface's contract: on a mid-task resume the method state overrides what before_task rebuilt.
             for component in self.components:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
+            # before_task captured the current weights as the task-start copy: the saved ones replace them in place
+            run.task_start.restore(self.resumed.get("task_start"))
             task.optimizer.load_state_dict(self.resumed["optimizer"])
             task.scheduler.load_state_dict(self.resumed["scheduler"])
             if task.scaler is not None and "scaler" in self.resumed:
@@ -541,6 +547,7 @@ class SequenceRunner:
                     evaluate_mid_task=lambda: self._evaluate_mid_task(run))
         for component in ordered(self.components, "after_task"):
             component.after_task(run, task)
+        run.task_start.reset()  # freed between tasks (the components let go of it in after_task)
         state.completed.append(task.name)
         state.step = 0
         state.task_evaluated = False

@@ -4,7 +4,12 @@ The penalty's gradient is known in closed form, ``2 W (theta - theta0)``, so it 
 graph and back-propagated (about 300 tensors for a ViT-B, every step): :meth:`loss` reports its value (computed
 without a graph) and :meth:`after_backward` adds ``2 W (theta - theta0)`` to the gradients with one foreach
 operation. A trainable tensor the other losses leave without a gradient gets that term alone, as autograd would
-give it. It runs before OGD's projection (``order``), so the projected gradient is that of the whole loss."""
+give it. It runs before OGD's projection (``order``), so the projected gradient is that of the whole loss.
+
+The anchor ``theta0`` is the run's one shared copy of the task-start weights (:mod:`mtil.engine.task_start`, the
+same tensors as ``--we-wise``'s start), not a clone of its own; the engine saves it once in mid-task checkpoints, so
+this component's state is empty. A checkpoint of an older mtil carries it here as ``anchor``: it is copied into the
+shared copy in place."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,7 +18,8 @@ import torch
 
 from mtil.args import add_flag, non_negative_float
 from mtil.engine.method import Component
-from mtil.engine.weights import clone, to_cpu, to_device, trainable_parameters
+from mtil.engine.task_start import copy_into, task_start_weights
+from mtil.engine.weights import trainable_parameters
 from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 
@@ -41,7 +47,7 @@ class L2Consolidation(Component):
         self.anchor: dict[str, torch.Tensor] | None = None
 
     def before_task(self, run, task) -> None:
-        self.anchor = clone(trainable_parameters(run.model))
+        self.anchor = task_start_weights(run)  # shared, read-only
 
     @torch.no_grad()
     def _differences(self, run) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
@@ -76,12 +82,15 @@ class L2Consolidation(Component):
             torch._foreach_add_([params[i].grad for i in with_grad], [differences[i] for i in with_grad],
                                 alpha=factor)
 
+    def after_task(self, run, task) -> None:
+        self.anchor = None  # let go of the shared copy: the engine frees it between tasks
+
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": to_cpu(self.anchor)}
+        return {}  # the anchor is the engine's task-start copy, saved once in mid-task checkpoints
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("anchor") is not None and self.anchor is not None:
-            self.anchor = to_device(state["anchor"], next(iter(self.anchor.values())).device)
+        if state.get("anchor") is not None and self.anchor is not None:  # a checkpoint of an older mtil
+            copy_into(self.anchor, state["anchor"])
 
 
 def _fits_float32(value: float) -> bool:

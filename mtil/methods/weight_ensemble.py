@@ -3,7 +3,11 @@ starting from the task-start weights, and once more with the final weights when 
 of ``--avg-freq`` (the original dropped those steps: a task shorter than ``--avg-freq`` returned its start weights);
 at the task's end the model becomes ``theta_we`` (``--we-wise``:
 ``alpha theta_we + (1 - alpha) theta_start``, applied once). The running average is part of the resumable state,
-so a preempted run continues the same average from the *training* weights."""
+so a preempted run continues the same average from the *training* weights.
+
+``theta_start`` is the run's one shared copy of the task-start weights (:mod:`mtil.engine.task_start`, the same
+tensors as ``--l2``'s anchor), held only with ``--we-wise`` and saved once by the engine, not in this component's
+state. A checkpoint of an older mtil carries it here as ``start``: it is copied into the shared copy in place."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +16,7 @@ import torch
 
 from mtil.args import add_flag, positive_int, unit_interval
 from mtil.engine.method import Component
+from mtil.engine.task_start import copy_into, task_start_weights
 from mtil.engine.weights import clone, interpolate, load_into, to_cpu, to_device, trainable_parameters
 from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
@@ -50,9 +55,9 @@ class WeightEnsemble(Component):
 
     def before_task(self, run, task) -> None:
         self.average = clone(trainable_parameters(run.model))
-        # The task-start weights are needed again only by --we-wise's blend: without it no second copy is kept
-        # (with --l2 the anchor is one already; a ViT-B/16 copy is 600 MB on the device).
-        self.start = clone(self.average) if self.config.we_wise else None
+        # The task-start weights are needed again only by --we-wise's blend: the run's shared copy (with --l2 it is
+        # the anchor), not one of its own (a ViT-B/16 copy is 600 MB on the device).
+        self.start = task_start_weights(run) if self.config.we_wise else None
         self.count = 1
 
     @torch.no_grad()
@@ -77,13 +82,14 @@ class WeightEnsemble(Component):
         if self.config.we_wise:
             final = interpolate(self.average, self.start, self.config.we_wise_alpha)
         load_into(run.model, final)
+        self.start = None  # let go of the shared copy: the engine frees it between tasks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start": to_cpu(self.start), "average": to_cpu(self.average), "count": self.count}
+        return {"average": to_cpu(self.average), "count": self.count}  # the start: the engine's, saved once
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("average") is not None and self.average is not None:
-            device = next(iter(self.average.values())).device
-            self.average = to_device(state["average"], device)
-            self.start = to_device(state["start"], device) if self.config.we_wise else None
+            self.average = to_device(state["average"], next(iter(self.average.values())).device)
             self.count = int(state["count"])
+            if state.get("start") is not None and self.start is not None:  # a checkpoint of an older mtil
+                copy_into(self.start, state["start"])
