@@ -163,11 +163,11 @@ def test_the_zeroshot_method_takes_no_component(capsys):
 
 
 def test_several_processes_are_refused_until_a_method_declares_support(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "0")  # as torchrun sets them; finetune declares support (tests/test_distributed.py),
-    monkeypatch.setenv("WORLD_SIZE", "2")  # LwF does not
-    assert main([*FAST, "--method", "lwf", "--train-dataset", "ToyShape", "--iterations", "2"]) == 2
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets them; finetune and LwF declare support
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (tests/test_distributed.py), the embedding adapter does not
+    assert main([*FAST, "--method", "embedding-adapter", "--train-dataset", "ToyShape", "--iterations", "2"]) == 2
     err = capsys.readouterr().err
-    assert "2 processes" in err and "--method lwf" in err and err.count("\n") == 1
+    assert "2 processes" in err and "--method embedding-adapter" in err and err.count("\n") == 1
 
 
 class HookCounter(Method):

@@ -97,6 +97,8 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
         gradients = None if scaler is not None else [p.grad for group in optimizer.param_groups
                                                      for p in group["params"] if p.grad is not None]
         problem = guard.problem(losses, total, gradients)
+        if run.parallel.any(problem is not None, run.device) and problem is None:  # every rank skips together
+            problem = "another process's loss is not finite"
         if problem is not None and guard.allow_skip(problem, where):
             run.log.warning(f"{where}: {problem}; step skipped ({guard.skipped} of --skip-nonfinite "
                             f"{guard.limit} used)")

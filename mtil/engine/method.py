@@ -77,6 +77,12 @@ class Method:
         return False
 
     @classmethod
+    def shared_batch_sizes(cls, config: argparse.Namespace) -> dict[str, int]:
+        """The method's own batch sizes that several processes share out (flag -> size), besides the tasks'
+        ``--batch-size``: each must be a multiple of the number of processes."""
+        return {}
+
+    @classmethod
     def check_config(cls, config: argparse.Namespace) -> None:
         """Refuse flag combinations of this class's own flags (a UserError); called only when it is active."""
 

@@ -11,6 +11,15 @@ then every helper is a no-op and no collective is ever called, so a one-process 
   is the gradient of the global batch mean. Frozen teachers and the zero-shot weights are never wrapped.
 * **Stopping.** A stop request (SIGTERM / SIGUSR1) on any rank is voted on at every step boundary
   (:meth:`Parallel.any`), so every rank stops after the same step.
+* **Whole-batch terms.** A loss that compares every item of a batch with every other (ZSCL's text-direction
+  distillation: a softmax over the reference images) needs the whole global batch: :meth:`Parallel.whole_batch`
+  gathers every rank's rows in the single process's order, this rank's own rows keeping their gradient, and
+  :meth:`Parallel.whole_batch_term` scales the gradient of a term computed on them by the world size (its value
+  unchanged): DDP's average of the ranks' gradients, each through its own rows only, is then the term's gradient.
+  No collective runs inside ``backward`` besides DDP's own.
+* **Shared decisions.** State every rank must hold identically (iCaRL's exemplars, OGD's basis, CLIP-AST's
+  selection) is computed from identical inputs on every rank and rank 0's result is broadcast
+  (:meth:`Parallel.broadcast`), so a last-bit difference between ranks can never split them.
 * **Evaluation.** Each rank encodes a contiguous run of whole evaluation batches (the batches one process would
   form, so the features are bit-identical); :meth:`Parallel.gather_rows` puts them back in order on every rank.
 * **Files.** Only rank 0 writes; the others wait at :meth:`Parallel.barrier` where it does.
@@ -84,6 +93,50 @@ class Parallel:
         dist.all_gather(pieces, padded)
         return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
 
+    def whole_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """The global batch's rows (``B`` of them, in the single process's draw order) from each rank's share
+        (``B / world_size`` rows: draws ``r, r + W, ...``); this rank's rows keep their autograd history, the
+        others' are constants. Identity for a single process."""
+        if not self.distributed:
+            return rows
+        pieces = [torch.empty_like(rows) for _ in range(self.world_size)]
+        dist.all_gather(pieces, rows.detach().contiguous())
+        pieces[self.rank] = rows
+        # rank r's i-th row is draw i*W + r of the batch: interleave the shares back into draw order
+        return torch.stack(pieces, dim=1).reshape(-1, *rows.shape[1:])
+
+    def whole_batch_term(self, term: torch.Tensor) -> torch.Tensor:
+        """A loss term computed identically on every rank from :meth:`whole_batch` rows: the same value, its
+        gradient times the world size (each rank's gradient reaches its own rows only; DDP divides the sum by
+        the world size). Exact only when the term reaches trained parameters through those rows alone (not,
+        e.g., through a trained temperature every rank applies to the whole batch)."""
+        if not self.distributed:
+            return term
+        return term + (self.world_size - 1) * (term - term.detach())
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object) on every rank (a collective: every rank must call it)."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensors(self, tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Rank 0's named tensors on every rank (on the CPU when they were there on rank 0; moved through
+        ``device``, since NCCL carries CUDA tensors only). Names, shapes and dtypes come from rank 0 too."""
+        if not self.distributed:
+            return tensors
+        layout = self.broadcast({name: (tuple(t.shape), t.dtype, t.device.type) for name, t in tensors.items()})
+        shared = {}
+        for name, (shape, dtype, where) in layout.items():
+            mine = tensors.get(name) if self.is_main else None
+            moved = mine.detach().to(device).contiguous() if mine is not None else \
+                torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(moved, src=0)
+            shared[name] = moved.to("cpu" if where == "cpu" else device)
+        return shared
+
     def wrap_losses(self, compute: Callable[[Any], dict[str, torch.Tensor]], parameters: Sequence[nn.Parameter],
                     device: torch.device) -> Callable[[Any], dict[str, torch.Tensor]]:
         """``compute`` (batch -> named loss terms) run through DistributedDataParallel over ``parameters`` (the
@@ -111,13 +164,13 @@ class _LossModule(nn.Module):
         return self.compute(batch)
 
 
-def check_batch_sizes(batch_sizes: dict[str, int], world_size: int) -> None:
+def check_batch_sizes(batch_sizes: dict[str, int], world_size: int, flag: str = "--batch-size") -> None:
     """Refuse a global batch the processes cannot share equally (the averaged gradient would not be the global
-    batch mean's)."""
+    batch mean's). ``batch_sizes``: where it is set (a task) -> size; ``flag``: the flag that sets it."""
     if world_size <= 1:
         return
     bad = {name: size for name, size in batch_sizes.items() if size % world_size}
     if bad:
-        listed = ", ".join(f"{name} {size}" for name, size in bad.items())
-        raise UserError(f"--batch-size must be a multiple of the {world_size} processes (each takes an equal share "
+        listed = ", ".join(f"{name} {size}".strip() for name, size in bad.items())
+        raise UserError(f"{flag} must be a multiple of the {world_size} processes (each takes an equal share "
                         f"of every batch); not: {listed}")

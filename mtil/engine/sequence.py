@@ -160,6 +160,8 @@ class SequenceRunner:
         """Every task has a length (unless the method trains nothing)."""
         check_batch_sizes({spec.dataset: settings.batch_size for spec, settings in zip(self.specs, self.settings)},
                           self.parallel.world_size)
+        for flag, size in type(self.method).shared_batch_sizes(self.config).items():
+            check_batch_sizes({"": size}, self.parallel.world_size, flag)
         if self.method.training_free or type(self.method).sets_task_length(self.config):
             return
         missing = [spec.dataset for spec, settings in zip(self.specs, self.settings) if not has_length(settings)]

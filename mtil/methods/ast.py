@@ -156,6 +156,9 @@ class CLIPAST(Method):
     train_modes_note = ("it selects tensors in the blocks of both encoders and its self-consistency terms compare "
                         "both encoders' features")
     works_with = ("l2", "we", "ema", "wise_merge")
+    # Stage 1 runs through DDP on each rank's share and rank 0's selection is broadcast; stage 2's terms are means
+    # over images (the text term is the same on every rank), so DDP's average is the global batch's gradient.
+    supports_distributed = True
     requires = {"random_selection_seed": "random_selection"}
 
     @classmethod
@@ -247,21 +250,29 @@ class CLIPAST(Method):
         raw, transform, collate = self.train_items(run, task)
         batch = task.settings.batch_size
         steps = cfg.stage1_epochs * -(-len(raw) // batch)
+        parallel = run.parallel  # several processes: each its share of every batch, gradients averaged (DDP)
         loader = batch_stream(raw, transform, batch_size=batch, seed=cfg.seed,
                               stream=STAGE1_STREAM + run.state.task_index, start_step=0, total_steps=steps,
-                              workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate)
+                              workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate,
+                              rank=parallel.rank, world=parallel.world_size)
+
+        def cross_entropy(batch) -> dict[str, torch.Tensor]:
+            images, labels = batch
+            with run.autocast():
+                logits = classifier(images.to(device, non_blocking=True))
+            return {"ce": F.cross_entropy(logits.float(), labels.to(device, non_blocking=True),
+                                          label_smoothing=cfg.ls)}
+
+        compute = parallel.wrap_losses(cross_entropy, list(params.values()), device)
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # stage 1 leaves the run's random streams as they were
-            for step, (images, labels) in enumerate(loader, 1):
-                with run.autocast():
-                    logits = classifier(images.to(device, non_blocking=True))
-                loss = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True),
-                                       label_smoothing=cfg.ls)
-                if not torch.isfinite(loss):
+            for step, batch_items in enumerate(loader, 1):
+                loss = compute(batch_items)["ce"]
+                if parallel.any(not bool(torch.isfinite(loss)), device):
                     raise UserError(f"--method ast stage 1 on {task.name}: the loss is {loss.item()} at step "
                                     f"{step}/{steps}; lower --stage1-lr")
-                if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
+                if cfg.log_every and (step % cfg.log_every == 0 or step == steps) and parallel.is_main:
                     line = f"[{task.name}] AST stage 1 step {step}/{steps}  ce {loss.item():.4f}"
                     print(line, flush=True)
                     run.log.info(line)
@@ -299,7 +310,8 @@ class CLIPAST(Method):
         record.update(blocks=chosen, selected=[n for block in chosen.values() for n in block], scores=scores)
         message = (f"AST on {task.name}: {len(record['selected'])} of {sum(map(len, blocks.values()))} block "
                    f"tensors selected {how}, {cfg.k} per block in {len(blocks)} blocks")
-        print(message, flush=True)
+        if run.parallel.is_main:
+            print(message, flush=True)
         run.log.info(message)
         return record
 
@@ -313,11 +325,12 @@ class CLIPAST(Method):
     # ------------------------------------------------------------------ stage 2
     def before_task(self, run, task) -> None:
         record = self.selections.get(task.name)
-        if record is None:
-            record = self.selections[task.name] = self._select(run, task)
+        if record is None:  # several processes: rank 0's selection, so every rank trains the same tensors
+            record = self.selections[task.name] = run.parallel.broadcast(self._select(run, task))
         else:
             message = f"AST on {task.name}: the selection saved in the checkpoint (stage 1 is not repeated)"
-            print(message, flush=True)
+            if run.parallel.is_main:
+                print(message, flush=True)
             run.log.info(message)
         chosen = set(record["selected"])
         params = dict(run.model.named_parameters())

@@ -62,3 +62,58 @@ class SentenceFeatures:
                 self.features = encode_texts(teacher, list(sentences))
         self.computations += 1
         return self.features
+
+
+class TeacherImageFeatures:
+    """The frozen teacher's normalised features of reference images, kept by the image's index in the reference
+    dataset while the teacher and the reference data stay the same (ZSCL's zero-shot teacher: the whole sequence;
+    LwF / iCaRL: one task). Exact because reference images go through the deterministic evaluation transform:
+    the same index is the same pixels, so the teacher's forward is needed once per image, not once per draw.
+
+    Part of the method's state (a resume continues with the same rows, so its features are bit-identical to an
+    uninterrupted run's). ``encoded`` counts the images the teacher encoded, so tests can prove the saving."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+        self.encoded = 0
+
+    def clear(self) -> None:
+        self.rows = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def lookup(self, teacher: CLIP, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Features of ``images`` (their dataset ``indices``): cached rows, the teacher's forward for the rest.
+        New rows are not kept here: :meth:`remember` keeps them (under several processes, every rank's rows in the
+        batch's draw order, so every rank's cache is the same)."""
+        first: dict[int, int] = {}  # each uncached index -> its first position in the batch (encoded once)
+        for position, index in enumerate(indices):
+            if index not in self.rows:
+                first.setdefault(index, position)
+        if not first:
+            return torch.stack([self.rows[index] for index in indices])
+        encoded = F.normalize(teacher.encode_image(images[list(first.values())]).float(), dim=-1)
+        self.encoded += len(first)
+        if len(first) == len(indices):
+            return encoded
+        fresh = dict(zip(first, encoded))
+        return torch.stack([fresh[index] if index in fresh else self.rows[index] for index in indices])
+
+    def remember(self, indices: list[int], features: torch.Tensor) -> None:
+        """Keep the rows of indices not cached yet (the first occurrence of an index drawn twice)."""
+        for index, row in zip(indices, features):
+            self.rows.setdefault(int(index), row.detach().float().clone())
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.rows:
+            return None
+        indices = sorted(self.rows)
+        return {"indices": torch.tensor(indices, dtype=torch.int64),
+                "features": torch.stack([self.rows[i] for i in indices]).cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+        self.rows = {}
+        if state:
+            self.remember(state["indices"].tolist(), state["features"].to(device))

@@ -20,6 +20,7 @@ DEFAULT_DECAY = 0.999
 @register
 class ExponentialMovingAverage(Component):
     name = "ema"
+    supports_distributed = True  # the same average of the same weights on every rank
     summary = "exponential moving average of the weights"
     enable_flag = "--ema"
     flag_group = ("Exponential moving average (EMA)", "The task's result is an EMA of its weights.")

@@ -6,6 +6,10 @@ fills its share by herding. Exemplars are kept as (dataset, index) references, n
 current task's cross-entropy plus distillation on a batch of exemplars, the teacher being the model from the end
 of the previous task (``--icarl-teacher previous``) or the zero-shot model (``zeroshot``), over the class
 prompts of the remembered tasks.
+
+Several processes: each rank encodes a contiguous run of the selection's batches (the batches one process would
+form), the features are gathered in order on every rank, and rank 0's herding result is broadcast, so every rank
+holds the same memory.
 """
 from __future__ import annotations
 
@@ -94,13 +98,30 @@ class ICaRL(ReferenceDistillation):
     @torch.no_grad()
     def _select(self, run, task, share: int) -> list[int]:
         """Herding per class over batched, no-grad features of the task's training images."""
+        features = self._encode_training_images(run, task)
+        chosen = self._herd(task, features, share) if run.parallel.is_main else None
+        return run.parallel.broadcast(chosen)
+
+    @torch.no_grad()
+    def _encode_training_images(self, run, task) -> torch.Tensor:
+        """Image features of the task's training images (this rank's batches, gathered in order)."""
         dataset = task.data.dataset("train", eval_transform(run.model.visual.input_resolution))
-        loader = DataLoader(dataset, batch_size=self.config.batch_size_eval, num_workers=self.config.workers)
+        size, parallel = self.config.batch_size_eval, run.parallel
+        if parallel.distributed:
+            batches = parallel.batch_range(-(-len(dataset) // size))
+            dataset = Subset(dataset, range(batches.start * size, min(batches.stop * size, len(dataset))))
+        loader = DataLoader(dataset, batch_size=size, num_workers=self.config.workers)
         was_training = run.model.training
         run.model.eval()
-        features = torch.cat([run.model.encode_image(x.to(run.device)).float().cpu() for x, _ in loader])
+        features = [run.model.encode_image(x.to(run.device)).float() for x, _ in loader]
         run.model.train(was_training)
         self.feature_passes += 1
+        features = torch.cat(features) if features else None
+        return parallel.gather_rows(features, matrix=True, device=run.device).cpu()
+
+    @staticmethod
+    def _herd(task, features: torch.Tensor, share: int) -> list[int]:
+        """Herding per class, the classes interleaved."""
         targets = np.array(task.data.targets("train"))
         classes = np.unique(targets)
         per_class = [share // len(classes) + (1 if i < share % len(classes) else 0) for i in range(len(classes))]

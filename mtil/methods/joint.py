@@ -53,6 +53,7 @@ class Joint(Method):
     train_modes = tuple(m for m in TRAIN_MODES if m not in LINEAR_HEAD_MODES)
     train_modes_note = "joint training classifies with each task's class prompts"
     works_with = ()
+    supports_distributed = True  # a mean over each rank's equal share of the mixed batch
 
     def task_steps(self, run, task, steps: int) -> int:
         sequence = run.state.sequence

@@ -27,6 +27,7 @@ from mtil.registry import register
 @register
 class L2Consolidation(Component):
     name = "l2"
+    supports_distributed = True  # adds the same closed-form gradient to the all-reduced gradients on every rank
     summary = "L2 penalty to the task-start weights"
     enable_flag = "--l2 W"
     flag_group = ("L2 consolidation", "Keep the weights near where each task started.")

@@ -54,6 +54,7 @@ SEED_OFFSET = 7_919  # adapter initialisation seed = --seed + this + task index
 @register
 class LoraAdapters(Component):
     name = "lora"
+    supports_distributed = True  # its adapters are the trained parameters DDP averages
     summary = "LoRA adapters trained instead of CLIP's weights"
     enable_flag = "--lora"
     flag_group = ("LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them "

@@ -34,7 +34,8 @@ the *update* is not exactly orthogonal to the basis as it is with plain SGD (the
 is. Under distributed data-parallel training the projection must run after the gradients' all-reduce (it does here
 because the engine calls ``after_backward`` once ``loss.backward()`` has returned; with DDP's overlapping
 all-reduce, a ``no_sync`` or gradient hook would need the same ordering), else each rank would project a
-different, partial gradient.
+different, partial gradient. The recorded snapshots are the all-reduced gradients, the same on every rank; the
+merged basis is broadcast from rank 0 at each task's end, so every rank projects with the very same one.
 """
 from __future__ import annotations
 
@@ -117,6 +118,14 @@ def project_out(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (flat - basis.T @ (basis @ flat)).view_as(grad)
 
 
+def _canonical(basis: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh row-major copy on ``device``. The matrix products of the projection round differently for the same
+    values in another memory layout (a one-row basis may have strides (1, 1) or (n, 1)), so the basis a resume
+    loads, another rank receives or this run merged is always laid out alike: the projection is then bitwise the
+    same in each case."""
+    return torch.empty(basis.shape, dtype=basis.dtype, device=device).copy_(basis)
+
+
 def is_orthonormal(basis: torch.Tensor, atol: float = 1e-3) -> bool:
     if basis.dim() != 2:
         return False
@@ -178,6 +187,7 @@ class OrthogonalGradients(Component):
     """Records gradients during a task, projects later tasks' gradients off their orthonormal basis."""
 
     name = "ogd"
+    supports_distributed = True  # projects the all-reduced gradients; the basis is broadcast (module docstring)
     summary = "orthogonal gradient descent across tasks"
     enable_flag = "--orthogonal-gradients N"
     flag_group = ("Orthogonal gradients (OGD)",
@@ -295,7 +305,7 @@ class OrthogonalGradients(Component):
             return
         if self._device_basis is None:
             params = dict(run.model.named_parameters())
-            self._device_basis = {n: self.basis[n].to(params[n].device) for n in self.names
+            self._device_basis = {n: _canonical(self.basis[n], params[n].device) for n in self.names
                                   if n in self.basis and self.basis[n].shape[0] > 0}
         params = self.tracker.params
         for name, basis in self._device_basis.items():
@@ -311,6 +321,7 @@ class OrthogonalGradients(Component):
                 continue
             new = orthonormal_basis(stacked.to(torch.float32), self.energy)
             self.basis[name] = merge_bases(self.basis.get(name), new)
+        self.basis = run.parallel.broadcast_tensors(self.basis, run.device)
         self.tasks.append(task.name)
         if run.save_dir is not None:
             save_basis(run.save_dir / f"grad_{safe_name(task.name)}.pth", self.basis, self.tasks, self.energy)

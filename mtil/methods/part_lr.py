@@ -65,6 +65,7 @@ def split_groups(groups: list[dict[str, Any]], names: dict[int, str], base_lr: f
 @register
 class PartLearningRates(Component):
     name = "part_lr"
+    supports_distributed = True  # only the optimiser's parameter groups
     summary = "per-part learning rates (vision / text / projections)"
     enable_flag = "--lr-mult-vision / --lr-mult-text / --lr-mult-proj"
     flag_group = ("Per-part learning rates",

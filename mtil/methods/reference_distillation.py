@@ -8,6 +8,12 @@ sentences (computed once per task: the teacher is frozen):
     text loss  = distill(P_t^T, P_s^T, T)        (softmax over reference images)
 
 The subclasses differ only in the teacher, the reference images and the sentences.
+
+Several processes (torchrun / srun): each rank draws its share of every reference batch from the seeded stream
+(as the training batches), so the ranks together see the single process's reference batch. The image loss and the
+feature MSE are means over rows: each rank's mean over its share, averaged by DDP, is the global mean. The text
+loss (a softmax over the reference images) and the image-image ablation compare every reference image with every
+other: they are computed on the whole reference batch gathered from the ranks (:meth:`Parallel.whole_batch`).
 """
 from __future__ import annotations
 
@@ -25,17 +31,23 @@ from mtil.datasets.sentences import conceptual_captions, toy_captions
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.weights import interpolate, load_into
 from mtil.errors import UserError
-from mtil.methods.distillation import SentenceFeatures, distill, frozen_copy, random_token_sentences
+from mtil.methods.distillation import (SentenceFeatures, TeacherImageFeatures, distill, frozen_copy,
+                                       random_token_sentences)
 from mtil.methods.finetune import Finetune
 from mtil.models.clip_loading import model_names
 from mtil.models.transforms import eval_transform
 from mtil.registry import register
 
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
+# --ref-feature-cache auto keeps teacher rows for reference sets up to this size: the rows (4 bytes x embedding
+# width each) stay on the device and in every checkpoint, and a set much larger than the draws (ImageNet's 1.28 M
+# against 64 000 draws a task) is rarely redrawn, so it would cost memory for little saving (README: Distillation).
+CACHE_AUTO_LIMIT = 100_000
 
 
 class _Images(Dataset):
-    """(image, label) -> image, and (image, caption) -> image: reference images need no labels."""
+    """(image, label) -> (image, index), and (image, caption) -> (image, index): reference images need no labels;
+    the index keys the teacher's cached features."""
 
     def __init__(self, raw: Dataset):
         self.raw = raw
@@ -44,7 +56,7 @@ class _Images(Dataset):
         return len(self.raw)
 
     def __getitem__(self, index: int):
-        return self.raw[index][0], 0
+        return self.raw[index][0], index
 
 
 DISTILLATION_MODES = ("whole", "image", "image-fc", "image-fc-fixed")  # not text (see README), not fc
@@ -55,7 +67,7 @@ class ReferenceDistillation(Finetune):
 
     name = "reference-distillation"
     flag_group = ("Distillation (ZSCL, LwF, LwF-VR, iCaRL)", "The distillation losses these methods share.")
-    supports_distributed = False  # not Finetune's: the reference batches are not yet shared out per process
+    supports_distributed = True  # reference batches shared out per rank; whole-batch terms gathered (docstring)
     # The student's logits use the teacher's sentence features (as in ZSCL), so distillation acts through the
     # image encoder only: with --train-mode text it would do nothing; fc trains a head on frozen features.
     train_modes = DISTILLATION_MODES
@@ -77,12 +89,25 @@ class ReferenceDistillation(Finetune):
         add_flag(group, "--weight-adjust", action="store_true", help="Halve the weights of the distillation terms.")
         add_flag(group, "--ref-batch-size", type=positive_int, default=None,
                  help="Reference images per step (default: --batch-size).")
+        add_flag(group, "--ref-feature-cache", choices=["auto", "on", "off"], default="auto",
+                 help="Keep the frozen teacher's features of each reference image once computed (exact: reference "
+                      "images take the deterministic evaluation transform) while the teacher and the reference "
+                      "data stay the same (ZSCL: the sequence; LwF, iCaRL: a task); they go into the checkpoints. "
+                      f"auto: when the reference set has at most {CACHE_AUTO_LIMIT:,} images (about 200 MB of "
+                      "rows for a 512-wide embedding); off: the teacher's forward at every step.")
+
+    @classmethod
+    def shared_batch_sizes(cls, config) -> dict[str, int]:
+        return {"--ref-batch-size": config.ref_batch_size} if config.ref_batch_size else {}
 
     def __init__(self, config):
         super().__init__(config)
         self.teacher = None
         self.sentences: list[str] | torch.Tensor | None = None
         self.teacher_text = SentenceFeatures()
+        self.teacher_images = TeacherImageFeatures()
+        self._saved_rows = None  # the checkpoint's cached rows, until the teacher they belong to is rebuilt
+        self._caching = False  # --ref-feature-cache for this task's reference set (before_task decides)
         self._ref_iter = None
         self.weight = 0.5 if config.weight_adjust else 1.0
         # neither direction named: both, as in ZSCL
@@ -112,13 +137,21 @@ class ReferenceDistillation(Finetune):
         if self.teacher is None or not self.stable_teacher():
             self.teacher = self.make_teacher(run, task)
             self.sentences = None
+            self.teacher_images.clear()  # features of another teacher (or of another task's reference images)
+            if self.stable_teacher() and self._saved_rows is not None:  # a resumed run: the same teacher's rows
+                self.teacher_images.load_state_dict(self._saved_rows, run.device)
+        self._saved_rows = None
         if not _same_sentences(self.sentences, sentences):
             self.sentences = sentences
             self.teacher_text.compute(self.teacher, self.sentences, run.model.context_length)
         self._ref_iter = None
         self._ref_data = self.reference_images(run, task)
+        mode = self.config.ref_feature_cache
+        self._caching = mode == "on" or (mode == "auto" and self._ref_data is not None
+                                         and len(self._ref_data) <= CACHE_AUTO_LIMIT)
 
-    def _next_reference_batch(self, run) -> torch.Tensor | None:
+    def _next_reference_batch(self, run) -> tuple[torch.Tensor, list[int]] | None:
+        """(images, their indices in the reference dataset) of this step, or None without reference data."""
         if self._ref_data is None or len(self._ref_data) == 0:
             return None
         if self._ref_iter is None:
@@ -127,39 +160,55 @@ class ReferenceDistillation(Finetune):
                                   batch_size=self.config.ref_batch_size or task.settings.batch_size,
                                   seed=self.config.seed, stream=REF_STREAM_OFFSET + run.state.task_index,
                                   start_step=run.state.step, total_steps=task.total_steps,
-                                  workers=self.config.workers, pin_memory=run.device.type == "cuda")
+                                  workers=self.config.workers, pin_memory=run.device.type == "cuda",
+                                  rank=run.parallel.rank, world=run.parallel.world_size)
             self._ref_iter = iter(loader)
-        images, _ = next(self._ref_iter)
-        return images.to(run.device, non_blocking=True)
+        images, indices = next(self._ref_iter)
+        return images.to(run.device, non_blocking=True), indices.tolist()
 
     def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
         losses = super().loss(run, batch)
-        x_ref = self._next_reference_batch(run)
-        if x_ref is None:
+        reference = self._next_reference_batch(run)
+        if reference is None:
             return losses
-        cfg = self.config
+        x_ref, indices = reference
+        cfg, parallel = self.config, run.parallel
         scale = run.model.logit_scale.exp().detach()
         sentences = self.teacher_text.features
         with torch.no_grad():
-            teacher_img = F.normalize(self.teacher.encode_image(x_ref).float(), dim=-1)
+            teacher_img = self._teacher_features(run, x_ref, indices)
             teacher_logits = scale * teacher_img @ sentences.T
         student_img = F.normalize(run.model.encode_image(x_ref), dim=-1)
         student_logits = scale * student_img @ sentences.T
-        if self.image_loss:
+        if self.image_loss:  # a mean over this rank's reference images
             losses["distill_image"] = self.weight * distill(teacher_logits, student_logits, cfg.T)
-        if self.text_loss:
-            losses["distill_text"] = self.weight * distill(teacher_logits.T, student_logits.T, cfg.T)
+        if self.text_loss:  # a softmax over the whole reference batch (every rank's share)
+            text = distill(parallel.whole_batch(teacher_logits).T, parallel.whole_batch(student_logits).T, cfg.T)
+            losses["distill_text"] = self.weight * parallel.whole_batch_term(text)
         if cfg.feature_mse:
             losses["feature_mse"] = self.weight * F.mse_loss(student_img, teacher_img)
         if cfg.image_image_loss:
-            mask = torch.eye(len(x_ref), dtype=torch.bool, device=x_ref.device)
-            t = (scale * teacher_img @ teacher_img.T).masked_fill(mask, -1e4)
-            s = (scale * student_img @ student_img.T).masked_fill(mask, -1e4)
-            losses["distill_image_image"] = self.weight * distill(t, s, cfg.T)
+            teacher_all, student_all = parallel.whole_batch(teacher_img), parallel.whole_batch(student_img)
+            mask = torch.eye(len(teacher_all), dtype=torch.bool, device=x_ref.device)
+            t = (scale * teacher_all @ teacher_all.T).masked_fill(mask, -1e4)
+            s = (scale * student_all @ student_all.T).masked_fill(mask, -1e4)
+            losses["distill_image_image"] = self.weight * parallel.whole_batch_term(distill(t, s, cfg.T))
         return losses
 
+    def _teacher_features(self, run, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        if not self._caching:
+            return F.normalize(self.teacher.encode_image(images).float(), dim=-1)
+        features = self.teacher_images.lookup(self.teacher, images, indices)
+        if run.parallel.distributed:  # every rank keeps every rank's rows, in draw order: the caches stay equal
+            every = run.parallel.whole_batch(torch.tensor(indices, dtype=torch.int64, device=features.device))
+            self.teacher_images.remember(every.tolist(), run.parallel.whole_batch(features))
+        else:
+            self.teacher_images.remember(indices, features)
+        return features
+
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": None if self.stable_teacher() else _cpu_state(self.teacher)}
+        return {"teacher": None if self.stable_teacher() else _cpu_state(self.teacher),
+                "teacher_image_features": self.teacher_images.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A resumed task gets back the teacher it started with (e.g. LwF's end-of-previous-task model); a stable
@@ -167,6 +216,11 @@ class ReferenceDistillation(Finetune):
         if state.get("teacher") is not None and self.teacher is not None and not self.stable_teacher():
             self.teacher.load_state_dict(state["teacher"])
             self.teacher_text.compute(self.teacher, self.sentences, self.teacher.context_length)
+        rows = state.get("teacher_image_features")  # none in files written before the cache existed
+        if self.teacher is None:  # at start-up: kept for before_task, which rebuilds the teacher
+            self._saved_rows = rows
+        else:  # a mid-task resume, after before_task: the rows the interrupted run had
+            self.teacher_images.load_state_dict(rows, next(self.teacher.parameters()).device)
 
 
 def _same_sentences(a: list[str] | torch.Tensor | None, b: list[str] | torch.Tensor) -> bool:

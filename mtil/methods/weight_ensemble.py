@@ -25,6 +25,7 @@ from mtil.registry import register
 @register
 class WeightEnsemble(Component):
     name = "we"
+    supports_distributed = True  # the same average of the same weights on every rank
     summary = "weight ensembling"
     enable_flag = "--we"
     flag_group = ("Weight ensembling (WE)", "Average the weights along each task's trajectory (ZSCL's WE).")

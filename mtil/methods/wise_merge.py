@@ -26,6 +26,7 @@ from mtil.registry import register
 @register
 class WiseMerge(Component):
     name = "wise_merge"
+    supports_distributed = True  # the same blend of the same weights on every rank
     summary = "WiSE-FT merge after each task"
     enable_flag = "--wise-merge"
     flag_group = ("WiSE-FT merge", "Blend each task's result with reference weights.")
