@@ -7,6 +7,10 @@
 # srun starts one process per GPU (SLURM_PROCID / SLURM_LOCALID give rank and GPU); --batch-size is the global
 # batch, shared equally (it must be a multiple of the process count). Preemption as in train.sh: SIGUSR1 reaches
 # every process, all stop after the same step, rank 0 writes latest.pth, all exit 3, the job is requeued.
+#
+# METHOD=finetune|ZSCL|lwf|lwf-vr|icarl|ast|joint (the methods that run on several processes; README: Several GPUs
+# or nodes); the method's own flags go after the script, e.g. the paper's full ZSCL:
+#   METHOD=ZSCL sbatch --gres=gpu:4 --ntasks-per-node=4 train_multigpu.sh --ref-dataset ImageNet --we --l2 1
 #SBATCH --job-name=mtil-ddp
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --error=logs/%x-%j.err
