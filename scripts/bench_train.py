@@ -82,7 +82,7 @@ from mtil.datasets.captions import CAPTION_DATASETS
 from mtil.datasets.fewshot import task_data
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.loop import optimization_step
-from mtil.engine.method import ordered
+from mtil.engine.method import ordered, run_after_task, run_before_task
 from mtil.engine.numerics import NonFiniteGuard
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import configure_matmul, grad_scaler, resolve_precision
@@ -160,21 +160,12 @@ def _start_task(run: Run, components: list, name: str, steps: int) -> TaskContex
     if method.trains_logit_scale:
         run.model.logit_scale.requires_grad_(True)
     run.state.step, run.state.total_steps = 0, steps
-    holder = getattr(run, "task_start", None)  # the run's one copy of the task-start weights (where mtil has one)
-    if holder is not None:
-        holder.reset()
-    for component in ordered(components, "before_task"):
-        component.before_task(run, task)
-    if holder is not None:
-        holder.seal()
+    run_before_task(run, task, components)
     return task
 
 
 def _finish_task(run: Run, components: list, task: TaskContext) -> None:
-    for component in ordered(components, "after_task"):
-        component.after_task(run, task)
-    if getattr(run, "task_start", None) is not None:
-        run.task_start.reset()
+    run_after_task(run, task, components)
     run.state.completed.append(task.name)
     run.state.step = 0
     run.task = None

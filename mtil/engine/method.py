@@ -151,6 +151,22 @@ def ordered(components: "list[Method]", hook: str) -> "list[Method]":
     return sorted(components, key=lambda c: type(c).position(hook))
 
 
+def run_before_task(run: "Run", task: "TaskContext", components: "list[Method]") -> None:
+    """Every ``before_task`` hook in order, between the resets of the run's shared task-start weights
+    (:mod:`mtil.engine.task_start`): a component may first ask for them only here."""
+    run.task_start.reset()
+    for component in ordered(components, "before_task"):
+        component.before_task(run, task)
+    run.task_start.seal()  # weights move from here on: a first request now would copy trained weights
+
+
+def run_after_task(run: "Run", task: "TaskContext", components: "list[Method]") -> None:
+    """Every ``after_task`` hook in order; then the task-start copy is freed (the components let go of it)."""
+    for component in ordered(components, "after_task"):
+        component.after_task(run, task)
+    run.task_start.reset()
+
+
 class Component(Method):
     """A component: adds to any method when ``enabled(config)``; sorted by ``order`` in every hook."""
 

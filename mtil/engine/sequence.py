@@ -39,7 +39,7 @@ from mtil.engine.checkpoint import (
     save_checkpoint,
 )
 from mtil.engine.loop import train_steps
-from mtil.engine.method import Method, ordered
+from mtil.engine.method import Method, ordered, run_after_task, run_before_task
 from mtil.engine.numerics import check_weights_finite
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.parallel import SINGLE, Parallel, check_batch_sizes
@@ -488,10 +488,7 @@ class SequenceRunner:
         if self.method.training_free:
             for param in run.model.parameters():
                 param.requires_grad_(False)
-        run.task_start.reset()  # one copy of the task-start weights, taken when a component first asks for it
-        for component in ordered(self.components, "before_task"):
-            component.before_task(run, task)
-        run.task_start.seal()  # weights move from here on: a first request now would copy trained weights
+        run_before_task(run, task, self.components)
         if self.method.training_free:
             task.total_steps = state.total_steps = 0
             return task
@@ -547,9 +544,7 @@ class SequenceRunner:
         train_steps(run, task, self.components, stream_id, stop=self.stop,
                     save_latest=lambda: self.save_latest(run),
                     evaluate_mid_task=lambda: self._evaluate_mid_task(run))
-        for component in ordered(self.components, "after_task"):
-            component.after_task(run, task)
-        run.task_start.reset()  # freed between tasks (the components let go of it in after_task)
+        run_after_task(run, task, self.components)
         state.completed.append(task.name)
         state.step = 0
         state.task_evaluated = False
