@@ -13,9 +13,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from mtil.args import (_OneLineParser, add_flag, non_negative_float, non_negative_int, open_unit_interval,
-                       positive_float, positive_int, seed_int, worker_count, dropout)
 from mtil.errors import UserError
+from mtil.flags import (_OneLineParser, add_flag, non_negative_float, non_negative_int, open_unit_interval,
+                        positive_float, positive_int, seed_int, worker_count, dropout)
 
 PROG = "python -m mtil.imo"
 

@@ -63,7 +63,7 @@ class Method:
     # ------------------------------------------------------------------ declarations (class level)
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add this class's own flags to ``group`` (use :func:`mtil.args.add_flag`)."""
+        """Add this class's own flags to ``group`` (use :func:`mtil.flags.add_flag`, with the flag's roles)."""
 
     @classmethod
     def enabled(cls, config: argparse.Namespace) -> bool:

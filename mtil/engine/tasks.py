@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtil.engine.run import TASK_SETTINGS, TaskSettings
+from mtil.engine.run import TASK_SETTING_TYPES, TASK_SETTINGS, TaskSettings
 from mtil.errors import UserError
 from mtil.yaml_files import read_yaml
 
@@ -32,9 +32,6 @@ def read_sequence_file(path: str | Path, builtin: bool = False) -> list[TaskSpec
     entries = document.get("tasks") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"--sequence file {path} needs a non-empty list under 'tasks:'")
-    from mtil.args import setting_types
-
-    types = setting_types()
     specs = []
     for number, entry in enumerate(entries, 1):
         if isinstance(entry, str):
@@ -46,7 +43,7 @@ def read_sequence_file(path: str | Path, builtin: bool = False) -> list[TaskSpec
         if unknown:
             raise UserError(f"--sequence file {path}: task {number} sets {unknown}; per-task settings "
                             f"accepted: {', '.join(TASK_SETTINGS)}")
-        overrides = {k: _setting(path, number, k, v, types[k]) for k, v in overrides.items()}
+        overrides = {k: _setting(path, number, k, v, TASK_SETTING_TYPES[k]) for k, v in overrides.items()}
         if overrides.get("iterations") is not None and overrides.get("epochs") is not None:
             raise UserError(f"--sequence file {path}: task {number} sets both iterations and epochs; give one")
         specs.append(TaskSpec(str(entry["dataset"]), overrides, builtin))

@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtil.args import add_flag, positive_float, positive_int, seed_int
 from mtil.atomic import atomic_open
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.method import Method
@@ -41,6 +40,7 @@ from mtil.engine.precision import grad_scaler
 from mtil.engine.weights import load_into
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
+from mtil.flags import add_flag, positive_float, positive_int, seed_int
 from mtil.methods.distillation import frozen_copy
 from mtil.models.text import tokenize
 from mtil.models.train_modes import PromptClassifier

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from mtil.args import add_flag, open_unit_interval
 from mtil.engine.method import Component
 from mtil.engine.weights import clone, load_into, to_cpu, to_device, trainable_parameters
+from mtil.flags import add_flag, open_unit_interval
 from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mtil.args import add_flag, half_open_unit, non_negative_int, positive_float, positive_int
 from mtil.engine.method import Method
 from mtil.errors import UserError
+from mtil.flags import add_flag, half_open_unit, non_negative_int, positive_float, positive_int
 from mtil.models.embedding_adapter import (
     MAX_LOG_SCALE,
     EmbeddingAdapter,
@@ -118,7 +118,7 @@ class EmbeddingAdapterMethod(Method):
 
     @classmethod
     def add_arguments(cls, group) -> None:
-        add_flag(group, "--adapter-rank", type=positive_int, default=16,
+        add_flag(group, "--adapter-rank", role="shapes_optimizer", type=positive_int, default=16,
                  help="Rank r of each adapter (A: D -> r, B: r -> D); at most the embedding dimension.")
         add_flag(group, "--adapter-scaling", type=positive_float, default=2.0,
                  help="The adapter's update is scaling * B(A(e)) before re-normalising (the seed's alpha/r = "

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from mtil.args import add_flag, positive_int
 from mtil.datasets.fewshot import task_data
 from mtil.engine.weights import load_into
+from mtil.flags import add_flag, positive_int
 from mtil.methods.distillation import frozen_copy
 from mtil.methods.reference_distillation import ReferenceDistillation
 from mtil.models.transforms import eval_transform

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from mtil.args import add_flag, non_negative_float
 from mtil.engine.method import Component
 from mtil.engine.task_start import copy_into, task_start_weights
 from mtil.engine.weights import trainable_parameters
+from mtil.flags import add_flag, non_negative_float
 from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register
 

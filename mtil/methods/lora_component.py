@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from mtil.args import add_flag, dropout, name_list, positive_float, positive_int
 from mtil.engine.method import Component
 from mtil.errors import UserError
+from mtil.flags import add_flag, dropout, name_list, positive_float, positive_int
 from mtil.models.lora import (
     DEFAULT_TARGETS,
     LoraSettings,
@@ -71,27 +71,29 @@ class LoraAdapters(Component):
 
     @classmethod
     def add_arguments(cls, group) -> None:
-        add_flag(group, "--lora", action="store_true",
+        add_flag(group, "--lora", role="shapes_optimizer", action="store_true",
                  help="Train LoRA adapters on --lora-target-modules instead of CLIP's weights: fresh adapters at "
                       "each task's start (B = 0: outputs unchanged), merged into the weights at its end. "
                       "--train-mode picks which encoder's adapters train (image: image encoder only; image-fc: "
                       "plus the head); not with fc.")
-        add_flag(group, "--lora-r", type=positive_int, default=8, help="Rank r of every adapter.")
+        add_flag(group, "--lora-r", role="shapes_optimizer", type=positive_int, default=8,
+                 help="Rank r of every adapter.")
         add_flag(group, "--lora-alpha", type=positive_float, default=16,
                  help="Adapter scaling: the update is (alpha / r) * B A.")
         add_flag(group, "--lora-dropout", type=dropout, default=0.0,
                  help="Dropout on the input of the Linear (MLP) adapters (default 0; the seed used 0.1). Attention "
                       "adapters act through the weights (peft's MultiheadAttention LoRA), which takes no dropout.")
-        add_flag(group, "--lora-target-modules", type=name_list, default=list(DEFAULT_TARGETS), metavar="NAMES",
+        add_flag(group, "--lora-target-modules", role="shapes_optimizer", type=name_list, default=list(DEFAULT_TARGETS),
+                 metavar="NAMES",
                  help="Comma-separated module names; a name matches every module called so or ending in '.NAME'. "
                       "'attn': q, k, v and o of every nn.MultiheadAttention; 'attn.in_proj': q, k and v; "
                       "'attn.out_proj': o; 'attn.q', 'attn.k', 'attn.v', 'attn.o': one projection; 'mlp.c_fc', "
                       "'mlp.c_proj': the MLP linears; both encoders. scripts/list_clip_layers.py lists the names a "
                       "model accepts.")
-        add_flag(group, "--lora-shared", action="store_true",
+        add_flag(group, "--lora-shared", role="shapes_optimizer", action="store_true",
                  help="Share adapters across layers: every adapter reuses the A and B of the first one with the "
                       "same (encoder, layer type attn/mlp, shapes); attention never shares with MLP.")
-        add_flag(group, "--lora-shared-split-qkvo", action="store_true",
+        add_flag(group, "--lora-shared-split-qkvo", role="shapes_optimizer", action="store_true",
                  help="With --lora-shared: the projection (q, k, v, o) joins the sharing key, so q shares only with "
                       "q, etc.")
 

@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from mtil.args import add_flag, energy_fraction, name_list, positive_int
 from mtil.atomic import atomic_open
 from mtil.engine.gradients import GradientTracker
 from mtil.engine.method import Component
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
+from mtil.flags import add_flag, energy_fraction, name_list, positive_int
 from mtil.models.train_modes import CLIP_TRAINING_MODES, wanted_by_mode
 from mtil.registry import register
 

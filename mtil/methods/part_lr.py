@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtil.args import add_flag, non_negative_float
 from mtil.engine.method import Component
 from mtil.errors import UserError
+from mtil.flags import add_flag, non_negative_float
 from mtil.models.train_modes import trainable_names
 from mtil.registry import register
 
@@ -77,13 +77,13 @@ class PartLearningRates(Component):
 
     @classmethod
     def add_arguments(cls, group) -> None:
-        add_flag(group, "--lr-mult-vision", type=non_negative_float, default=None, metavar="X",
+        add_flag(group, "--lr-mult-vision", role="shapes_optimizer", type=non_negative_float, default=None, metavar="X",
                  help="--lr multiplier of the image encoder (visual.* except visual.proj / the ResNet attention "
                       "pool's c_proj).")
-        add_flag(group, "--lr-mult-text", type=non_negative_float, default=None, metavar="X",
+        add_flag(group, "--lr-mult-text", role="shapes_optimizer", type=non_negative_float, default=None, metavar="X",
                  help="--lr multiplier of the text encoder (token and positional embeddings, text transformer, "
                       "ln_final).")
-        add_flag(group, "--lr-mult-proj", type=non_negative_float, default=None, metavar="X",
+        add_flag(group, "--lr-mult-proj", role="shapes_optimizer", type=non_negative_float, default=None, metavar="X",
                  help="--lr multiplier of the projections into the joint space (visual.proj or "
                       "visual.attnpool.c_proj, text_projection) and of logit_scale where it trains.")
 

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mtil.args import add_flag, positive_float, positive_int, unit_interval
 from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
 from mtil.datasets.registry import open_dataset
 from mtil.datasets.sentences import conceptual_captions, toy_captions
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.weights import interpolate, load_into
 from mtil.errors import UserError
+from mtil.flags import add_flag, positive_float, positive_int, unit_interval
 from mtil.methods.distillation import (SentenceFeatures, TeacherImageFeatures, distill, frozen_copy,
                                        random_token_sentences)
 from mtil.methods.finetune import Finetune
@@ -266,12 +266,12 @@ class ZSCL(_DrawnSentences):
 
     @classmethod
     def add_arguments(cls, group) -> None:
-        add_flag(group, "--ref-dataset", default="ImageNet",
+        add_flag(group, "--ref-dataset", role="dataset", default="ImageNet",
                  help="Reference images: any registered dataset (ImageNet, ImageNetSubset:N, ...) or ToyCaptions.")
-        add_flag(group, "--ref-sentences", default="conceptual_captions",
+        add_flag(group, "--ref-sentences", role="dataset", default="conceptual_captions",
                  help="Reference sentences: conceptual_captions, random (10-token random sequences), ToyCaptions, "
                       "ref (the ref dataset's class prompts), or dataset:A,B (class prompts of named datasets).")
-        add_flag(group, "--ref-model", default=None, path=True,
+        add_flag(group, "--ref-model", role="model", default=None, path=True,
                  help="Teacher weights (a file or model name) instead of the zero-shot model.")
         add_flag(group, "--ref-wise", action="store_true",
                  help="Teacher = alpha * current + (1 - alpha) * zero-shot weights, rebuilt at each task start.")

@@ -57,13 +57,13 @@ from mtil.adapters.tip import (
     tipx_term,
     zero_shot_logits,
 )
-from mtil.args import add_flag, positive_float, positive_int
 from mtil.atomic import atomic_open
 from mtil.engine.data_stream import _mix
 from mtil.engine.method import Method
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import safe_name
 from mtil.adapters.tip_imo import IMOFeatures, TipIMOHead
+from mtil.flags import add_flag, positive_float, positive_int
 from mtil.models.heads import Head
 from mtil.models.imo_adapter import check_imo_fits, read_imo_file
 from mtil.models.transforms import BICUBIC, CLIP_MEAN, CLIP_STD
@@ -133,7 +133,7 @@ class TipAdapter(Method):
         add_flag(group, "--imo-adapter", default=None, metavar="FILE", path=True,
                  help="An IMO adapter file (python -m mtil.imo): the cache affinity (query and keys) uses the "
                       "adapted image features, the zero-shot term the original ones (default: none).")
-        add_flag(group, "--feature-cache", default=None, metavar="DIR", path=True,
+        add_flag(group, "--feature-cache", role="operational", default=None, metavar="DIR", path=True,
                  help="Keep encoded image features (the cache's augmented views, val and test images) in DIR, "
                       "keyed by a hash of the image encoder's weights and what was encoded, so a later run with "
                       "the same weights and data skips the image encoder (default: off).")

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from mtil.args import add_flag, unit_interval
 from mtil.engine.method import Component
 from mtil.engine.task_start import shared_task_start
 from mtil.engine.weights import interpolate, load_into
+from mtil.flags import add_flag, unit_interval
 from mtil.models.lora import base_named_parameters
 from mtil.models.train_modes import CLIP_TRAINING_MODES
 from mtil.registry import register

@@ -16,10 +16,10 @@ from typing import Sequence
 
 import yaml
 
-from mtil.args import _OneLineParser, add_flag, name_list, positive_int, seed_list
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
 from mtil.evaluation.selection import selection_split
+from mtil.flags import _OneLineParser, add_flag, name_list, positive_int, seed_list
 from mtil.sweep import tables
 from mtil.sweep.command import Planner, PointCommand, parse_base
 from mtil.sweep.grid import (SEED_KEYS, VARIANT_AXIS, axes_from_file, check_axes, expand, normal_key, parse_axis,

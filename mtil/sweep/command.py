@@ -142,7 +142,7 @@ class Planner:
         if action is None:
             return [f"--{key}={value}"]
         flag = action.option_strings[0]
-        from mtil.args import Switch
+        from mtil.flags import Switch
 
         if isinstance(action, Switch):
             if value.lower() in TRUE:

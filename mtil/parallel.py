@@ -1,4 +1,7 @@
-"""Data-parallel training of the sequence engine: what each process does differently from a single one.
+"""Data-parallel training and evaluation: what each process does differently from a single one.
+
+Beside :mod:`mtil.distributed` (which reads the launcher's environment and joins the process group), this is the
+other half of running as several processes: a leaf module, so that evaluation and the engine both use it.
 
 One :class:`Parallel` per run says this process's rank among ``world_size`` processes (``SINGLE`` when there is one:
 then every helper is a no-op and no collective is ever called, so a one-process run is what it always was).
