@@ -12,7 +12,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,trackers]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 arguments: $(STAMP)
-	$(PY) -m mtil.args > ARGUMENTS.md
+	$(PY) -m mtil.arguments_doc > ARGUMENTS.md
 
 bench-toyworld: $(STAMP)
 	$(PY) scripts/bench_toyworld.py

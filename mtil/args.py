@@ -5,139 +5,29 @@ The core groups live here; each method and component adds its own group from its
 README and its code disagreed, and researchers' scripts use both.
 
 Where a value comes from: the command line wins over ``--config FILE.yaml``, which wins over the defaults. The
-parsed namespace carries four private entries (never saved as settings): ``_cli`` and ``_file`` (the flags the
-command line and the config file set), ``_defaults`` (every flag's default) and ``_argv`` (the command line).
+parsed namespace carries private entries (never saved as settings): ``_cli`` and ``_file`` (the flags the
+command line and the config file set), ``_defaults`` (every flag's default), ``_argv`` (the command line) and
+``_roles`` (role -> the flags declared with it, see :mod:`mtil.flags`).
+
+The flag primitives (``add_flag``, ``Switch``, the typed validators) live in :mod:`mtil.flags` and are re-exported
+here; ARGUMENTS.md is written by :mod:`mtil.arguments_doc`.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import string
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from mtil.errors import UserError
+from mtil.flags import (  # noqa: F401 - the flag primitives, re-exported for `from mtil.args import ...`
+    INT_MAX, INTEGER_TYPES, LR_PARTS, MAX_WORKERS, ROLES, Switch, _checked, _OneLineParser, _spellings, add_flag,
+    dropout, energy_fraction, flags_with_role, half_open_unit, label_smoothing, lr_multipliers, name_list,
+    non_negative_float, non_negative_int, open_unit_interval, positive_float, positive_int, roles_of, seed_int,
+    seed_list, unit_interval, worker_count)
 from mtil.yaml_files import read_yaml
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (``mtil: error: ...``) with exit code 2."""
-
-    def error(self, message: str):  # noqa: D102 - argparse API
-        raise UserError(f"{message} (see --help)")
-
-
-def _spellings(flag: str) -> list[str]:
-    """``--image-loss`` -> ``['--image-loss', '--image_loss']``; single words give one spelling."""
-    body = flag[2:]
-    variants = [flag]
-    for a, b in (("-", "_"), ("_", "-")):
-        other = "--" + body.replace(a, b)
-        if other not in variants:
-            variants.append(other)
-    return variants
-
-
-class Switch(argparse.Action):
-    """An on/off flag: ``--we`` turns it on, ``--no-we`` (or ``--no_we``) off, so the command line can switch off
-    what a ``--config`` file switched on."""
-
-    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
-        names = list(option_strings)
-        for option in option_strings:
-            body = option[2:]
-            names += [n for n in ("--no-" + body.replace("_", "-"), "--no_" + body.replace("-", "_"))
-                      if n not in names]
-        super().__init__(names, dest, nargs=0, default=default, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
-
-
-def add_flag(group, flag: str, *extra: str, path: bool = False, **kwargs) -> argparse.Action:
-    """Add a flag under both spellings; ``path=True`` marks a file or folder (compared as resolved paths on
-    resume). Method files use this for their own flags."""
-    names: list[str] = []
-    for f in (flag, *extra):
-        names += [n for n in _spellings(f) if n not in names]
-    kwargs.setdefault("dest", flag[2:].replace("-", "_"))
-    if kwargs.get("action") == "store_true":  # --flag / --no-flag: the command line can switch off a file's "true"
-        kwargs["action"] = Switch
-    action = group.add_argument(*names, **kwargs)
-    action.is_path = path
-    return action
-
-
-def _checked(convert, accept, requirement: str, name: str):
-    """An argparse type: ``convert`` the text, then require ``accept(value)`` (argparse reports the flag)."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value) or not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-INT_MAX = 2**31 - 1  # counts and sizes beyond this are typos, and overflow torch's and itertools' C integers
-positive_int = _checked(int, lambda v: 1 <= v <= INT_MAX, f"an integer from 1 to {INT_MAX}", "positive_int")
-non_negative_int = _checked(int, lambda v: 0 <= v <= INT_MAX, f"an integer from 0 to {INT_MAX}", "non_negative_int")
-seed_int = _checked(int, lambda v: 0 <= v < 2**32, f"an integer from 0 to {2**32 - 1} (what NumPy accepts)", "seed_int")
-MAX_WORKERS = 128  # beyond any machine's useful loader processes; a typo of 1000s would fork until memory runs out
-worker_count = _checked(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer from 0 to {MAX_WORKERS}", "worker_count")
-INTEGER_TYPES = (int, positive_int, non_negative_int, worker_count, seed_int)
-positive_float = _checked(float, lambda v: v > 0, "a positive number", "positive_float")
-non_negative_float = _checked(float, lambda v: v >= 0, "a number of 0 or more", "non_negative_float")
-unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
-open_unit_interval = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1), e.g. 0.999", "open_unit_interval")
-half_open_unit = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "half_open_unit")
-label_smoothing = half_open_unit
-dropout = half_open_unit
-energy_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "energy_fraction")
-
-
-def name_list(text: str) -> list[str]:
-    """``'a, b,,c'`` -> ``['a', 'b', 'c']``."""
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def seed_list(text: str) -> list[int]:
-    """``'1,2,3'`` -> ``[1, 2, 3]``: distinct seeds (argparse reports the flag)."""
-    seeds = [seed_int(item) for item in name_list(text)]
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, e.g. 1,2,3, got {text!r}")
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
-    return seeds
-
-
-LR_PARTS = ("image", "text", "head")
-
-
-def lr_multipliers(text: str) -> dict[str, float]:
-    """``image=1,text=0.1,head=10`` -> {part: factor}; parts: image, text, head (argparse reports the flag)."""
-    out: dict[str, float] = {}
-    for item in name_list(text):
-        part, _, value = item.partition("=")
-        part = part.strip()
-        if part not in LR_PARTS:
-            raise argparse.ArgumentTypeError(f"unknown part {part!r} in {item!r}; parts: {', '.join(LR_PARTS)}")
-        try:
-            factor = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected PART=NUMBER, e.g. text=0.1") from None
-        if not math.isfinite(factor) or factor < 0:
-            raise argparse.ArgumentTypeError(f"{item!r}: the factor must be a number of 0 or more")
-        out[part] = factor
-    return out
-
 
 # Flags that only shape optimisation: they do nothing under --eval-only or for a training-free method.
 OPTIMISATION_FLAGS = ("iterations", "epochs", "batch_size", "optimizer", "lr", "momentum", "wd", "beta2", "ls",
@@ -156,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("Model", "Which CLIP to use and where its weights are.")
-    add_flag(g, "--model", default="ViT-B/16",
+    add_flag(g, "--model", role="model", default="ViT-B/16",
              help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
                   "ViT-L/14@336px), toyclip (the built-in benchmark's pre-trained tiny CLIP, shipped with mtil), a "
                   "tiny test architecture (tiny-vit, tiny-rn, micro-vit; random weights), or a path to a weights file.")
-    add_flag(g, "--clip-root", default="clip", path=True,
+    add_flag(g, "--clip-root", role="operational", default="clip", path=True,
              help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
     add_flag(g, "--untrained", action="store_true",
              help="Build the named architecture with random weights instead of loading weights.")
@@ -170,39 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("Hardware", "Where and how fast it runs. --device and --threads never change "
                                               "what a run computes; --precision does.")
-    add_flag(g, "--device", default="auto",
+    add_flag(g, "--device", role="operational", default="auto",
              help="auto (CUDA when available, else CPU, with a warning), cpu, cuda or cuda:N.")
     add_flag(g, "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
              help="Arithmetic of the forward passes (autocast; fp16 adds a gradient scaler). auto: bf16 on a GPU "
                   "that supports it, else fp32 (always fp32 on CPU); a run records the resolved one. Weights, "
                   "losses and weight averages stay fp32.")
-    add_flag(g, "--threads", type=positive_int, default=None,
+    add_flag(g, "--threads", role="operational", type=positive_int, default=None,
              help="CPU threads of torch (default: the CPUs this process may use, capped by SLURM_CPUS_PER_TASK; "
                   "OMP_NUM_THREADS, when set, is respected).")
-    add_flag(g, "--workers", type=worker_count, default=2,
+    add_flag(g, "--workers", role="operational", type=worker_count, default=2,
              help=f"DataLoader worker processes (0 loads in the main process; at most {MAX_WORKERS}).")
 
     g = parser.add_argument_group("Data", "Where datasets live and how they are read.")
-    add_flag(g, "--data-location", default="data", path=True, help="Root folder of all datasets.")
-    add_flag(g, "--download", action="store_true",
+    add_flag(g, "--data-location", role="operational", default="data", path=True, help="Root folder of all datasets.")
+    add_flag(g, "--download", role="operational", action="store_true",
              help="Allow torchvision to download datasets that are missing (nothing is downloaded otherwise).")
     add_flag(g, "--seed", type=seed_int, default=0, help="Seed for Python, NumPy and torch, and for sampled subsets.")
 
     g = parser.add_argument_group("Training", "What to train, how long, with which optimiser.")
     methods = registry.registered("method")
-    add_flag(g, "--method", default="finetune", choices=registry.method_names(), metavar="NAME",
+    add_flag(g, "--method", role="shapes_optimizer", default="finetune", choices=registry.method_names(),
+             metavar="NAME",
              help="Training method: " + "; ".join(f"{n}: {methods[n].summary}" for n in registry.method_names())
                   + ".")
-    add_flag(g, "--train-mode", default="whole", choices=list(TRAIN_MODES),
+    add_flag(g, "--train-mode", role="shapes_optimizer", default="whole", choices=list(TRAIN_MODES),
              help="Which parts of CLIP train (see README: Train modes).")
-    add_flag(g, "--train-dataset", default=None,
+    add_flag(g, "--train-dataset", role="dataset", default=None,
              help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
     add_flag(g, "--sequence", default=None, metavar="YAML", path=True,
              help="Sequence file: a list of tasks with per-task settings (lr, iterations, epochs, batch_size, ...).")
     add_flag(g, "--iterations", type=positive_int, default=None, help="Optimiser steps per task (exactly this many).")
     add_flag(g, "--epochs", type=positive_int, default=None, help="Epochs per task instead of --iterations.")
     add_flag(g, "--batch-size", type=positive_int, default=64, help="Training batch size.")
-    add_flag(g, "--optimizer", default="adamw", choices=["adamw", "sgd"],
+    add_flag(g, "--optimizer", role="shapes_optimizer", default="adamw", choices=["adamw", "sgd"],
              help="adamw (betas 0.9, --beta2; decoupled --wd) or sgd (--momentum; --wd as L2 in the gradient). "
                   "OGD's own paper uses plain SGD, where the update itself is orthogonal to the stored basis.")
     add_flag(g, "--lr", type=positive_float, default=1e-5,
@@ -213,15 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--ls", type=label_smoothing, default=0.0, help="Label smoothing of the cross-entropy.")
     add_flag(g, "--warmup-length", type=non_negative_int, default=100,
              help="Linear warm-up steps, then cosine decay to 0.")
-    add_flag(g, "--lr-multipliers", type=lr_multipliers, default={}, metavar="PART=X,...",
+    add_flag(g, "--lr-multipliers", role="shapes_optimizer", type=lr_multipliers, default={}, metavar="PART=X,...",
              help="Per-part learning-rate factors, parts image (visual.*), text (the rest of CLIP) and head (a "
                   "linear head), e.g. 'text=0.1,head=10'; unnamed parts keep factor 1.")
-    add_flag(g, "--freeze", type=name_list, default=None, metavar="PATTERNS",
+    add_flag(g, "--freeze", role="shapes_optimizer", type=name_list, default=None, metavar="PATTERNS",
              help="Comma-separated parameter-name patterns (fnmatch, e.g. 'visual.conv1.*,token_embedding.*') "
                   "kept frozen on top of --train-mode.")
     add_flag(g, "--deterministic", action="store_true",
              help="Bitwise-reproducible kernels (torch.use_deterministic_algorithms; no TF32); slower on GPU.")
-    add_flag(g, "--log-every", type=non_negative_int, default=50,
+    add_flag(g, "--log-every", role="operational", type=non_negative_int, default=50,
              help="Print a progress line (loss terms, lr, images/s, ETA) every N steps, also when stdout is not a "
                   "terminal, e.g. in a SLURM log (0: never).")
 
@@ -248,52 +139,64 @@ def build_parser() -> argparse.ArgumentParser:
     owners = registry.add_arguments(parser)
 
     g = parser.add_argument_group("Checkpoints", "Saving, resuming and preemption.")
-    add_flag(g, "--checkpoint-interval", type=non_negative_int, default=500,
+    add_flag(g, "--checkpoint-interval", role="operational", type=non_negative_int, default=500,
              help="Write the resumable latest checkpoint every N steps (0: only at task ends).")
-    add_flag(g, "--keep-checkpoints", choices=("all", "last", "none"), default="all",
+    add_flag(g, "--keep-checkpoints", role="operational", choices=("all", "last", "none"), default="all",
              help="Per-task checkpoints <save>/<Dataset>.pth: all (one per task), last (each new one replaces the "
                   "previous task's, after it is written) or none (latest.pth alone holds the run; a chain of "
                   "one-task runs needs all or last, since each link loads the previous link's).")
-    add_flag(g, "--skip-nonfinite", type=non_negative_int, default=0, metavar="N",
+    add_flag(g, "--skip-nonfinite", role="operational", type=non_negative_int, default=0, metavar="N",
              help="A step whose loss or gradients are NaN or infinite stops the run (exit code 2; the checkpoints "
                   "already written are kept). With N > 0, up to N such steps in the run are skipped instead (no "
                   "weight update, a warning in the log). May differ on resume, so a stopped run can go on with it.")
-    add_flag(g, "--force-resume", action="store_true",
+    add_flag(g, "--force-resume", role="operational", action="store_true",
              help="Resume an unfinished run in --save even though its configuration differs from this command's.")
-    add_flag(g, "--summarize", default=None, metavar="DIR", path=True,
+    add_flag(g, "--summarize", role="operational", default=None, metavar="DIR", path=True,
              help="Build accuracy_matrix.csv, summary.csv and the heat map from the results a run (or a chain of "
                   "one-task runs) left in DIR, and exit.")
 
     g = parser.add_argument_group("Evaluation", "Zero-shot evaluation and metric files.")
-    add_flag(g, "--eval-datasets", type=name_list, default=None,
+    add_flag(g, "--eval-datasets", role="dataset", type=name_list, default=None,
              help="Comma-separated datasets to evaluate (default: the training sequence; for --eval-only the "
                   "built-in benchmark's tasks).")
-    add_flag(g, "--eval-only", action="store_true", help="Evaluate the model and exit, no training.")
-    add_flag(g, "--eval-single", default=None, metavar="IMAGE", path=True,
+    add_flag(g, "--eval-only", role="operational", action="store_true",
+             help="Evaluate the model and exit, no training.")
+    add_flag(g, "--eval-single", role="operational", default=None, metavar="IMAGE", path=True,
              help="Classify one image against --class-names and print the ranked probabilities.")
-    add_flag(g, "--class-names", default=None, metavar="FILE", path=True,
+    add_flag(g, "--class-names", role="operational", default=None, metavar="FILE", path=True,
              help="Text file with one class name per line (for --eval-single).")
-    add_flag(g, "--prompt", default="a photo of a {}.",
+    add_flag(g, "--prompt", role="operational", default="a photo of a {}.",
              help="Prompt template for --eval-single; '{}' is replaced by the class name.")
-    add_flag(g, "--batch-size-eval", type=positive_int, default=128, help="Batch size for evaluation.")
+    add_flag(g, "--batch-size-eval", role="operational", type=positive_int, default=128,
+             help="Batch size for evaluation.")
     add_flag(g, "--wise-ft", action="store_true",
              help="With --eval-only --load CKPT: evaluate alpha * checkpoint + (1 - alpha) * zero-shot weights.")
     add_flag(g, "--alpha", type=unit_interval, default=0.5, help="alpha of --wise-ft.")
     add_flag(g, "--eval-interval", type=positive_int, default=None,
              help="Also evaluate every N steps within a task (rows with after_task empty in results.jsonl).")
-    add_flag(g, "--report", action="store_true",
+    add_flag(g, "--report", role="operational", action="store_true",
              help="Write classification reports (top-1/3/5, macro and weighted precision / recall / F1, per-class "
                   "table, confusion matrix as CSV and PNG) of the last evaluation of every dataset, and of the "
                   "zero-shot one with a baseline-vs-final chart, under <save>/reports/<Dataset>/.")
     add_flag(g, "--max-evaluation-size", type=positive_int, default=None,
              help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
-    add_flag(g, "--save", default=None, metavar="DIR", path=True,
+    add_flag(g, "--save", role="operational", default=None, metavar="DIR", path=True,
              help="Directory for checkpoints (<Dataset>.pth, latest.pth), metric files (metrics_<Dataset>.csv, "
                   "results.jsonl, accuracy_matrix.csv, summary.csv) and config.yaml. Re-running a command resumes "
                   "from here.")
 
+    g = parser.add_argument_group("Tracking", "Trackers that watch a run beside its metric files "
+                                              "(docs/records.md).")
+    add_flag(g, "--report-to", role="operational", type=name_list, default=None, metavar="TRACKERS",
+             help="Comma-separated trackers that get every training scalar (each loss term, lr, images/s, every "
+                  "--log-every steps), every evaluation (eval/<Dataset>/top1, top5), the accuracy matrix and its "
+                  "heat map, and Transfer/Avg/Last: tensorboard (event files in <save>/tensorboard) and wandb "
+                  "(Weights & Biases; WANDB_MODE=offline and the other WANDB_* variables apply). A resumed run "
+                  "continues the same tracker run. Needs --save; only rank 0 reports. Install with "
+                  "pip install 'mtil[trackers]'.")
+
     g = parser.add_argument_group("Configuration", "Settings from a file.")
-    add_flag(g, "--config", default=None, metavar="YAML", path=True,
+    add_flag(g, "--config", role="operational", default=None, metavar="YAML", path=True,
              help="YAML file of flag: value pairs (either spelling, without dashes), e.g. a run's config.yaml; "
                   "the command line wins over the file, the file over the defaults.")
     parser.flag_owners = owners
@@ -384,6 +287,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args._argv = list(argv)  # the command line as typed (--seeds re-runs it once per seed)
     args._file = sorted(_given(parser, file_tokens) - cli) if file_tokens else []
     args._defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    args._roles = roles_of(parser)
     _validate(args, parser)
     return args
 
@@ -478,11 +382,27 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.report and not args.eval_single and (args.summarize or not args.save):
         raise UserError("--report writes classification reports of the evaluations under --save DIR/reports: "
                         + ("--summarize evaluates nothing (drop --report)" if args.summarize else "give --save DIR"))
+    if args.report_to:
+        _check_report_to(args)
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
     if not is_template(args.prompt):
         raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
                         f"braces, got {args.prompt!r}")
+
+
+def _check_report_to(args: argparse.Namespace) -> None:
+    """--report-to: known trackers, each installed and usable, and a folder to report from."""
+    from mtil.records.sink import check_report_to
+
+    if args.eval_single or args.summarize:
+        used = "--eval-single" if args.eval_single else "--summarize"
+        raise UserError(f"--report-to reports a run's training and evaluations; {used} has none (drop --report-to)")
+    if not args.save:
+        raise UserError("--report-to needs --save DIR: the trackers' files and run ids live in the run's folder")
+    if len(set(args.report_to)) != len(args.report_to):
+        raise UserError(f"--report-to names a tracker twice: {','.join(args.report_to)}")
+    check_report_to(args.report_to)
 
 
 FEWSHOT_FLAGS = ("shots", "fewshot_seed", "base_new", "seeds")
@@ -536,9 +456,8 @@ def is_template(text: str) -> bool:
 
 
 def path_flags(parser: argparse.ArgumentParser | None = None) -> set[str]:
-    """Dests of the flags that name files or folders."""
-    parser = parser or build_parser()
-    return {a.dest for a in parser._actions if getattr(a, "is_path", False)}
+    """Dests of the flags that name files or folders (role ``path``; a parsed namespace has them in ``_roles``)."""
+    return set(roles_of(parser or build_parser())["path"])
 
 
 def setting_types(parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
@@ -547,44 +466,7 @@ def setting_types(parser: argparse.ArgumentParser | None = None) -> dict[str, An
     return {a.dest: a.type for a in parser._actions if a.dest != "help"}
 
 
-def arguments_markdown() -> str:
-    """ARGUMENTS.md, generated from the parsers (mtil.main's, then the sweep runner's) so they cannot drift."""
-    from mtil.sweep.cli import build_parser as sweep_parser
+if __name__ == "__main__":  # the older spelling of `python -m mtil.arguments_doc`, kept for scripts
+    from mtil.arguments_doc import main
 
-    lines = [
-        "# Arguments",
-        "",
-        "Generated from `mtil/args.py`, the method files in `mtil/methods/` and `mtil/sweep/cli.py` by "
-        "`python -m mtil.args > ARGUMENTS.md` (a test fails when this file and the parsers differ).",
-        "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`). Every flag of "
-        "`python -m mtil.main` can also be set in a `--config` YAML file (`lr: 1.0e-5`); the command line wins.",
-        "",
-    ]
-    groups = [*build_parser()._action_groups, *sweep_parser()._action_groups]
-    for group in groups:
-        actions = [a for a in group._group_actions if a.dest != "help"]
-        if not actions:
-            continue
-        lines += [f"## {group.title}", ""]
-        if group.description:
-            lines += [group.description, ""]
-        lines += ["| flag | default | description |", "| --- | --- | --- |"]
-        for action in actions:
-            names = ", ".join(f"`{n}`" for n in action.option_strings)
-            default = action.default
-            if default in (None, False, argparse.SUPPRESS) or default == {}:
-                shown = ""
-            elif isinstance(default, list):
-                shown = f"`{','.join(map(str, default))}`"
-            else:
-                shown = f"`{default}`"
-            text = (action.help or "").replace("|", "\\|")
-            if action.choices and "choices" not in text.lower() and action.dest != "method":
-                text += f" Choices: {', '.join(map(str, action.choices))}."
-            lines.append(f"| {names} | {shown} | {text} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(arguments_markdown(), end="")
+    main()

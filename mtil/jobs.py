@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from mtil.args import path_flags, settings_of
+from mtil.args import settings_of
 from mtil.datasets.registry import check_readable
 from mtil.datasets.toyworld import BUILTIN_ORDER
 from mtil.engine.checkpoint import config_for_checkpoint
 from mtil.engine.precision import DTYPES, resolve_precision
 from mtil.errors import UserError
-from mtil.evaluation.metrics_io import append_result_line, write_metric_row
 from mtil.evaluation.single_image import classify_image, read_class_names, read_image
 from mtil.evaluation.zeroshot import ZeroShotEvaluator, autocast_for
+from mtil.flags import flags_with_role
+from mtil.folder_lock import FolderLock, refuse_if_held
 from mtil.hardware import announce_device, resolve_device
 from mtil.models.clip_loading import LoadedModel, load_clip
 from mtil.models.heads import head_from_state
+from mtil.records import Records
+from mtil.records.files import result_record
 from mtil.seeding import seed_everything
 
 
@@ -26,7 +31,7 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
 
 
 def _resolved_config(args: argparse.Namespace, loaded: LoadedModel) -> dict:
-    record = config_for_checkpoint(settings_of(args), path_flags())
+    record = config_for_checkpoint(settings_of(args), roles=args._roles)
     return {**record, "model_source": loaded.source, "device": str(next(loaded.model.parameters()).device)}
 
 
@@ -60,6 +65,10 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError("; ".join(problems))
 
     iteration = int(loaded.checkpoint.get("iteration", 0))
+    completed = (loaded.checkpoint.get("state") or {}).get("completed") or []
+    trained_by = (loaded.checkpoint.get("config") or {}).get("method")  # what trained the checkpoint, if it says
+    if args.save:
+        refuse_if_held(Path(args.save))
     device = next(loaded.model.parameters()).device
     announce_device(args.device, device)
     heads = _learned_heads(loaded, device)
@@ -76,19 +85,28 @@ def evaluate(args: argparse.Namespace) -> int:
           + (f" (learned heads for {', '.join(sorted(heads))})" if heads else ""))
     # A WiSE-FT blend is another model than the checkpoint: its rows go to their own metric files, never over the
     # checkpoint's own rows of the same iteration (e.g. when evaluating into the training run's folder).
-    label = f"_wiseft{args.alpha:g}" if args.wise_ft else ""
-    reports = _report_writer(args, loaded, evaluator, label, iteration)
-    for name in names:
-        result = evaluator.evaluate(name)
-        print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   "
-              f"({result.classes} classes, {result.count} images{', learned head' if name in heads else ''})")
-        if args.save:
-            write_metric_row(args.save, name + label, iteration, result.top1, result.top5)
-            append_result_line(args.save, {"dataset": name, "iteration": iteration, "top1": result.top1,
-                                           "top5": result.top5, "images": result.count,
-                                           "classes": result.classes, "head": result.head}, config)
-    if reports is not None:
-        reports.finish(names)
+    variant = f"wiseft{args.alpha:g}" if args.wise_ft else ""
+    with FolderLock(Path(args.save)) if args.save else nullcontext():
+        # trackers of an evaluation keep their files apart: a training run's tracker run in the folder stays its own
+        records = Records.for_run(Path(args.save) if args.save else None, config, "eval-only",
+                                  args.report_to or [], "eval-only", Path(args.save or ".") / "eval-only")
+        failed = True
+        try:
+            records.start()
+            reports = _report_writer(args, loaded, evaluator, f"_{variant}" if variant else "", iteration)
+            for name in names:
+                result = evaluator.evaluate(name)
+                print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   ({result.classes} "
+                      f"classes, {result.count} images{', learned head' if name in heads else ''})")
+                records.evaluation(result_record(
+                    dataset=name, iteration=iteration, top1=result.top1, top5=result.top5, images=result.count,
+                    classes=result.classes, head=result.head, method=trained_by, variant=variant),
+                    task=len(completed))
+            if reports is not None:
+                reports.finish(names)
+            failed = False
+        finally:
+            records.close(failed)
     if args.save:
         print(f"Metrics written to {Path(args.save)}/metrics_<Dataset>.csv and results.jsonl")
     else:
@@ -113,8 +131,8 @@ def _report_writer(args: argparse.Namespace, loaded: LoadedModel, evaluator: Zer
 def _wise_ft(args: argparse.Namespace, loaded: LoadedModel) -> None:
     """Evaluation-time WiSE-FT: ``alpha * checkpoint + (1 - alpha) * zero-shot`` (zero-shot = the weights the
     checkpoint's sequence started from when it records them, else ``--model``)."""
-    from mtil.engine.sequence import ZeroShotWeights
     from mtil.engine.weights import interpolate, load_into
+    from mtil.models.zeroshot_weights import ZeroShotWeights
 
     spec = (loaded.checkpoint.get("state") or {}).get("base") or {
         "model": args.model, "load": None, "untrained": args.untrained, "seed": args.seed, "clip_root": args.clip_root}
@@ -153,7 +171,7 @@ def train(args: argparse.Namespace) -> int:
     from mtil.engine.sequence import SequenceRunner
 
     env = resolve_distributed(args.device) if launched_world_size() > 1 else None  # torchrun / srun
-    runner = SequenceRunner(args, registry.build_components(args), path_flags(), env=env)
+    runner = SequenceRunner(args, registry.build_components(args), flags_with_role(args, "path"), env=env)
     with stop_on_signals(runner.stop):
         try:
             runner.run()
@@ -186,24 +204,33 @@ def _recorded_method(results: Path) -> str | None:
 
 
 def summarize(args: argparse.Namespace) -> int:
-    """Matrix, summary and heat map from the results.jsonl a run or a chain of one-task runs left in a folder."""
-    from mtil.engine.sequence import write_reports
+    """Matrix, summary and heat map from the results.jsonl a run or a chain of one-task runs left in a folder.
+    The matrix file is never replaced by a less complete one (mtil.records.integrity)."""
     from mtil.evaluation.matrix import matrix_from_results, summarize as matrix_metrics, write_matrix
+    from mtil.records.files import MATRIX, RESULTS, write_reports
+    from mtil.records.integrity import apply_repairs, check_folder
 
     folder = Path(args.summarize)
-    results = folder / "results.jsonl"
+    results = folder / RESULTS
     if not results.is_file():
         raise UserError(f"--summarize {folder}: no results.jsonl there (it is written by runs with --save {folder})")
+    refuse_if_held(folder, "--summarize")
     try:
+        repairs = check_folder(folder)  # a results.jsonl that lost what the matrix or a metrics file holds: one line
         long, order = matrix_from_results(results)
         if not long.empty and order:
             matrix_metrics(long, order, partial=True)  # rows beyond the order's tasks, a dataset twice in it
     except ValueError as exc:  # records whose accuracies are not numbers, or a matrix no sequence can have
         raise UserError(f"--summarize {folder}: results.jsonl holds records mtil cannot read ({exc})") from None
+    except UserError as exc:
+        raise UserError(f"--summarize {folder}: {exc}") from None
     if long.empty or not order:
         raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")
     method = args.method if "method" in getattr(args, "_cli", ()) else _recorded_method(results) or args.method
-    write_matrix(folder / "accuracy_matrix.csv", long, order)
-    write_reports(folder, method, long, order)
+    with FolderLock(folder, "--summarize"):
+        for warning in apply_repairs(folder, repairs, order):  # damaged or short metrics files, from the journal
+            print(warning, file=sys.stderr)
+        write_matrix(folder / MATRIX, long, order)
+        write_reports(folder, method, long, order)
     print(f"Wrote {folder}/accuracy_matrix.csv, summary.csv and accuracy_matrix.png")
     return 0

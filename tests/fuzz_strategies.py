@@ -384,7 +384,8 @@ def base_checkpoint() -> bytes:
     from mtil.args import parse_args, path_flags
     from mtil.engine.checkpoint import capture_rng, save_checkpoint
     from mtil.engine.schedule import warmup_cosine
-    from mtil.engine.sequence import SequenceRunner, base_spec
+    from mtil.engine.resume import base_spec
+    from mtil.engine.sequence import SequenceRunner
     from mtil.engine.state import TrainingState
     from mtil.models.architectures import Architecture
     from mtil.models.clip_loading import build_clip
@@ -583,7 +584,7 @@ def _preflight(args, deep: bool) -> int:
                 pass
         return 0
     resolve_device(args.device)
-    config_for_checkpoint(settings_of(args), path_flags())
+    config_for_checkpoint(settings_of(args), roles=args._roles)
     return 0
 
 
@@ -686,7 +687,7 @@ def _read_results(folder: Path) -> str:
 def _read_matrix(folder: Path) -> str:
     """What a resumed run does with accuracy_matrix.csv: read it (or rebuild it from results.jsonl), add the
     evaluation just made, pivot it for the table."""
-    from mtil.engine.sequence import read_or_rebuild_matrix
+    from mtil.records.files import read_or_rebuild_matrix
     from mtil.errors import UserError
     from mtil.evaluation import matrix as mx
 

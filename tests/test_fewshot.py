@@ -152,7 +152,7 @@ def test_a_few_shot_base_to_new_run_trains_on_k_base_shots_and_reports_base_new_
     out = capsys.readouterr().out
     records = [json.loads(line) for line in (save / "results.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if r["after_task"] == 1] == [4]
-    assert records[-1]["classes"] == "base"
+    assert records[-1]["part"] == "base" and records[-1]["classes"] == 2  # ranked among the 2 base classes
     with (save / "fewshot.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     final = {(r["split"], r["classes"]): r for r in rows if r["after_task"] == "1"}

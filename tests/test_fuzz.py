@@ -58,7 +58,7 @@ BROKEN = {
     "sequence": (Case(argv=(*fz.FAST, "--sequence", f"{fz.CASE_DIR}/s.yaml", "--iterations", "2"),
                       files=(("s.yaml", fz.VALID_SEQUENCE),)), "mtil.engine.tasks.read_yaml", KeyError("injected")),
     "resume": (Case(argv=fz.RESUME_ARGV, files=(("run/latest.pth", Damage("none")),), deep=True),
-               "mtil.engine.sequence.load_resumable", KeyError("injected")),
+               "mtil.engine.resume.load_resumable", KeyError("injected")),
     "load": (Case(argv=fz.LOAD_ARGVS["train"], files=(("weights.pth", Damage("none")),), deep=True),
              "mtil.models.clip_loading.read_weights_file", RuntimeError("injected")),
     "metrics": (_files("metrics", **{"metrics_A.csv": fz.valid_metric_files()["metrics_A.csv"]}),

@@ -139,7 +139,7 @@ def test_original_entry_points_and_scripts(tmp_path, monkeypatch):
 
 def test_setup_files_of_the_original_readme_exist():
     requirements = (REPO / "requirements.txt").read_text()
-    assert "torch==2.14.1" in requirements and "-e .[test]" in requirements
+    assert "torch==2.14.1" in requirements and "-e .[test,trackers]" in requirements
     assert "torch==2.14.1" in (REPO / "environment.yml").read_text()
 
 

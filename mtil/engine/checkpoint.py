@@ -11,7 +11,7 @@ import random
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -19,21 +19,16 @@ import torch
 from mtil.atomic import atomic_open
 from mtil.engine.state import TrainingState
 from mtil.errors import UserError
+from mtil.flags import flags_with_role
 
 FORMAT = "mtil-checkpoint"
 VERSION = 1
 LATEST = "latest.pth"
 PREVIOUS = "latest.prev.pth"  # the latest checkpoint before the last one, kept until a newer one is verified
 
-# Flags that change how a run executes but not what it computes: they may differ on resume.
-OPERATIONAL_FLAGS = {
-    "workers", "device", "batch_size_eval", "save", "data_location", "clip_root", "download", "force_resume",
-    "checkpoint_interval", "eval_only", "summarize", "eval_single", "class_names", "prompt", "threads",
-    "log_every", "config", "skip_nonfinite", "report", "feature_cache", "keep_checkpoints",
-}
-# Flags naming a model or a file: a model name stays a name, an existing file compares as its resolved path.
-MODEL_OR_FILE = {"model", "ref_model"}
-DATASET_FLAGS = {"train_dataset", "eval_datasets", "ref_dataset", "ref_sentences"}
+# Which flags are operational (may differ on resume), name a model, datasets or files is declared with each flag
+# (mtil.flags roles); callers pass them as ``roles``, a parsed namespace's ``_roles``.
+Roles = Mapping[str, Iterable[str]]  # role -> dests, as mtil.args.parse_args records in ``_roles``
 FOLDER_PREFIX = "ImageFolder:"
 RECORD_VERSION = 2  # of the configuration record inside checkpoints (see migrate_record)
 DERIVED = ("record_version", "task_settings")  # record entries that are not flags
@@ -114,28 +109,33 @@ def _resolve_folder_names(value: Any, key: str) -> Any:
     return value
 
 
-def normalize_paths(config: dict[str, Any], path_keys: Iterable[str]) -> dict[str, Any]:
+def normalize_paths(config: dict[str, Any], path_keys: Iterable[str] = (), *,
+                    roles: Roles) -> dict[str, Any]:
     """Path-valued settings as resolved absolute paths, so a run typed with a relative path and resumed with an
-    absolute one (or from another folder) is recognised as the same run."""
+    absolute one (or from another folder) is recognised as the same run. The flags of role ``path`` (and
+    ``path_keys``) are paths; those of role ``model`` only when they name an existing file; ``ImageFolder:``
+    entries of role ``dataset`` too."""
     out = dict(config)
-    for key in set(path_keys) | MODEL_OR_FILE:
+    model_keys = flags_with_role(roles, "model")
+    for key in set(path_keys) | flags_with_role(roles, "path") | model_keys:
         value = out.get(key)
         if not isinstance(value, str) or not value:
             continue
-        if key in MODEL_OR_FILE and not _expanded(value, key).is_file():
+        if key in model_keys and not _expanded(value, key).is_file():
             continue  # a model name such as ViT-B/16
         out[key] = _absolute(value, key)
-    for key in DATASET_FLAGS:
+    for key in flags_with_role(roles, "dataset"):
         if key in out:
             out[key] = _resolve_folder_names(out[key], key)
     return out
 
 
-def config_for_checkpoint(config: dict[str, Any], path_keys: Iterable[str] = ()) -> dict[str, Any]:
-    """The configuration as plain values (what weights_only loading accepts), paths resolved; bookkeeping
-    entries (names starting with '_') left out."""
+def config_for_checkpoint(config: dict[str, Any], path_keys: Iterable[str] = (), *,
+                          roles: Roles) -> dict[str, Any]:
+    """The configuration as plain values (what weights_only loading accepts), paths resolved (see
+    :func:`normalize_paths`); bookkeeping entries (names starting with '_') left out."""
     plain = {k: _plain(v) for k, v in config.items() if not k.startswith("_")}
-    return normalize_paths(plain, path_keys)
+    return normalize_paths(plain, path_keys, roles=roles)
 
 
 def migrate_record(saved: dict[str, Any]) -> dict[str, Any]:
@@ -158,17 +158,20 @@ def migrate_record(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
-                       path_keys: Iterable[str] = (), ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+                       path_keys: Iterable[str] = (), ignore: Iterable[str] = (), *,
+                       roles: Roles) -> list[tuple[str, Any, Any]]:
     """(setting, saved value, current value) for every setting that really differs. Paths compare as resolved
-    files; a flag newer than the checkpoint counts only when it is not at its default; a flag that no longer
-    exists, a flag in ``ignore`` (read by no active method or component) and flags that change how a run
-    executes, not what it computes, never count. ``task_settings`` (what each task trains with) compares when both
-    records have it: it catches an edited sequence file, or a typed value that replaced a named order's."""
+    files (``roles``: see :func:`normalize_paths`); a flag newer than the checkpoint counts only when it is not at
+    its default; a flag that no longer exists, a flag in ``ignore`` (read by no active method or component) and
+    the flags of role ``operational`` (they change how a run executes, not what it computes) never count.
+    ``task_settings`` (what each task trains with) compares when both records have it: it catches an edited
+    sequence file, or a typed value that replaced a named order's."""
     defaults = {k: _plain(v) for k, v in (defaults or {}).items()}
-    saved = normalize_paths(migrate_record(saved), path_keys)
-    current = normalize_paths(current, path_keys)
+    saved = normalize_paths(migrate_record(saved), path_keys, roles=roles)
+    current = normalize_paths(current, path_keys, roles=roles)
+    operational = flags_with_role(roles, "operational")
     differences = []
-    for key in sorted(set(current) - OPERATIONAL_FLAGS - set(ignore) - {"record_version"}):
+    for key in sorted(set(current) - operational - set(ignore) - {"record_version"}):
         if key == "task_settings" and key not in saved:
             continue
         if key not in saved:

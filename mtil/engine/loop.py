@@ -56,6 +56,10 @@ class Progress:
         line = (f"[{task.name}] step {state.step}/{task.total_steps}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
                 + f"  lr {lr:.2e}  {rate:.1f} img/s  ETA {_duration(eta)}")
+        if self.run.records is not None:  # the same numbers to the trackers, against the global step
+            self.run.records.scalars(state.global_step, {**{f"train/{k}": v for k, v in values.items()},
+                                                         "train/lr": lr, "train/images_per_s": rate,
+                                                         "train/task": state.task_index + 1})
         self.bar.write(line, file=sys.stdout)
         sys.stdout.flush()
         self.run.log.info(line)
@@ -137,7 +141,7 @@ def train_steps(run: Run, task: TaskContext, components: Sequence[Method], strea
                           pin_memory=run.device.type == "cuda", collate_fn=collate, rank=parallel.rank,
                           world=parallel.world_size)
     compute = None
-    if parallel.distributed:  # gradients averaged over the ranks during backward (mtil.engine.parallel)
+    if parallel.distributed:  # gradients averaged over the ranks during backward (mtil.parallel)
         trained = [p for group in task.optimizer.param_groups for p in group["params"]]
         compute = parallel.wrap_losses(lambda batch: component_losses(run, hooks["loss"], batch), trained,
                                        run.device)

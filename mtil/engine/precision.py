@@ -7,6 +7,7 @@ tests). On CUDA, float32 matmuls use TF32 unless ``--deterministic``.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +36,14 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """--deterministic: bitwise-reproducible kernels (cuBLAS needs its workspace setting for that)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def configure_matmul(device: torch.device, deterministic: bool) -> None:

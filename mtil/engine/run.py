@@ -12,15 +12,23 @@ import torch.nn as nn
 from clip.model import CLIP
 
 from mtil.datasets.base import TaskData
-from mtil.engine.parallel import SINGLE, Parallel
 from mtil.engine.precision import autocast
 from mtil.engine.state import TrainingState
 from mtil.engine.task_start import TaskStartWeights
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.flags import (half_open_unit, label_smoothing, non_negative_float, non_negative_int, positive_float,
+                        positive_int)
 from mtil.models.architectures import Architecture
 from mtil.models.heads import Head
+from mtil.parallel import SINGLE, Parallel
 
-TASK_SETTINGS = ("lr", "iterations", "epochs", "batch_size", "wd", "beta2", "ls", "warmup_length")
+# The per-task settings (a sequence file's task may set them) with their flags' validators, so that a value from a
+# file is checked as the flag's is (tests/test_flags.py checks that these are the parser's types).
+TASK_SETTING_TYPES: dict[str, Callable[[str], Any]] = {
+    "lr": positive_float, "iterations": positive_int, "epochs": positive_int, "batch_size": positive_int,
+    "wd": non_negative_float, "beta2": half_open_unit, "ls": label_smoothing, "warmup_length": non_negative_int,
+}
+TASK_SETTINGS = tuple(TASK_SETTING_TYPES)
 
 
 @dataclass
@@ -66,9 +74,11 @@ class Run:
     zeroshot_state: Callable[[], dict[str, torch.Tensor]] = field(default=lambda: {}, repr=False)
     precision: str = "fp32"  # resolved --precision
     task_settings: dict[str, TaskSettings] = field(default_factory=dict)  # this process's tasks, by dataset
-    parallel: Parallel = SINGLE  # this process's rank among the job's processes (mtil.engine.parallel)
+    parallel: Parallel = SINGLE  # this process's rank among the job's processes (mtil.parallel)
     # the trainable weights as the current task began: one copy for every component (mtil.engine.task_start)
     task_start: TaskStartWeights = field(default_factory=TaskStartWeights, repr=False)
+    # everything the run records (metric files, trackers): mtil.records.Records; None records nothing
+    records: Any = field(default=None, repr=False)
 
     def task_start_weights(self) -> dict[str, torch.Tensor]:
         """The trainable weights as the current task began, on the training device; the same dict for every caller

@@ -1,112 +1,58 @@
 """Train a sequence of tasks in one process: zero-shot row, then train + evaluate each task, with exact resume.
 
-Resume protocol: everything needed to continue lives in ``<save>/latest.pth``. Re-running the same command
-continues from it (a finished run just prints its results); a different configuration on an unfinished run is
-refused unless ``--force-resume``; a finished run in the same folder with a different configuration is the
-one-task-per-process chain, which starts afresh from ``--load``.
+This module keeps the order of a run; the checks live in :mod:`mtil.engine.checks`, the resume decision in
+:mod:`mtil.engine.resume`, and everything the run records (metric files, trackers) goes through its records owner
+(:mod:`mtil.records`). Resume protocol: everything needed to continue lives in ``<save>/latest.pth``. Re-running
+the same command continues from it (a finished run just prints its results); a different configuration on an
+unfinished run is refused unless ``--force-resume``; a finished run in the same folder with a different
+configuration is the one-task-per-process chain, which starts afresh from ``--load``.
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
-import yaml
 
 from mtil.adapters.feature_cache import store_of
-from mtil.atomic import atomic_open
-from mtil.datasets.captions import CAPTION_DATASETS, open_caption_dataset
-from mtil.datasets.fewshot import check_views, protocol_of, task_data
-from mtil.datasets.registry import check_readable
-from mtil.distributed import DistributedEnv, init_distributed, is_main
-from mtil.engine.checkpoint import (
-    DERIVED,
-    LATEST,
-    PREVIOUS,
-    RECORD_VERSION,
-    capture_rng,
-    config_differences,
-    config_for_checkpoint,
-    describe_differences,
-    load_resumable,
-    remove_orphaned_temporaries,
-    restore_rng,
-    save_checkpoint,
-)
+from mtil.datasets.captions import CAPTION_DATASETS
+from mtil.datasets.fewshot import protocol_of, task_data
+from mtil.distributed import DistributedEnv, init_distributed
+from mtil.engine import checks, resume
+from mtil.engine.checkpoint import DERIVED, LATEST, RECORD_VERSION, capture_rng, config_for_checkpoint, \
+    remove_orphaned_temporaries, restore_rng, save_checkpoint
 from mtil.engine.loop import train_steps
 from mtil.engine.method import Method, ordered, run_after_task, run_before_task
 from mtil.engine.numerics import check_weights_finite
 from mtil.engine.optim import build_optimizer, parameter_groups
-from mtil.engine.parallel import SINGLE, Parallel, check_batch_sizes
-from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision
-from mtil.engine.preemption import StopFlag
+from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision, set_determinism
+from mtil.engine.preemption import Preempted, StopFlag
 from mtil.engine.run import TASK_SETTINGS, Run, TaskContext, TaskSettings
+from mtil.engine.run_log import open_log, say as _say
 from mtil.engine.schedule import warmup_cosine
 from mtil.engine.state import TrainingState
-from mtil.engine.tasks import has_length, overridden, resolve_tasks, steps_for, task_settings
-from mtil.errors import UserError, no_space_cause, no_space_error
-from mtil.evaluation import fewshot_report, matrix as mx
-from mtil.evaluation.metrics_io import append_result_line, safe_name, write_metric_row
+from mtil.engine.task_report import applied_settings, settings_lines
+from mtil.engine.tasks import has_length, resolve_tasks, steps_for, task_settings
+from mtil.errors import UserError
+from mtil.evaluation import fewshot_report
+from mtil.evaluation.metrics_io import safe_name
 from mtil.evaluation.report_writer import REPORTS_FOLDER, ReportWriter
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
+from mtil.folder_lock import FolderLock, refuse_if_held
 from mtil.hardware import announce_device, resolve_device
 from mtil.models.architectures import Architecture
-from mtil.models.clip_loading import build_clip, load_clip, model_from_state_dict
+from mtil.models.clip_loading import load_clip, model_from_state_dict
 from mtil.models.heads import head_from_state, head_state
 from mtil.models.lora import base_state_dict
-from mtil.models.train_modes import select_trainable, trainable_names, trains_text
+from mtil.models.train_modes import select_trainable, trains_text
+from mtil.models.zeroshot_weights import ZeroShotWeights
+from mtil.parallel import SINGLE, Parallel
+from mtil.records import Records
+from mtil.records.files import result_record
+from mtil.records.integrity import Repairs, apply_repairs, check_folder
 from mtil.seeding import seed_everything
-
-
-class _LogFile(logging.FileHandler):
-    """``train.log``; a full disk stops the run with mtil's one line instead of logging's traceback per record."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        cause = no_space_cause(sys.exc_info()[1])
-        if cause is not None:
-            raise no_space_error(self.baseFilename, cause) from None
-        super().handleError(record)
-
-
-def _logger(save_dir: Path | None) -> logging.Logger:
-    log = logging.getLogger("mtil.train")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        handler = _LogFile(save_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-    return log
-
-
-def _say(run_log: logging.Logger, message: str) -> None:
-    if is_main():  # several processes: rank 0 speaks for all (only it has a train.log)
-        print(message, flush=True)
-    run_log.info(message)
-
-
-def _set_determinism(config: argparse.Namespace) -> None:
-    if config.deterministic:
-        import os
-
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-# Settings that decide which parameters the optimiser holds: an interrupted task cannot continue across them.
-OPTIMISER_SHAPING = {"method", "train_mode", "freeze", "optimizer", "lr_multipliers", "lora", "lora_r",
-                     "lora_target_modules", "lora_shared", "lora_shared_split_qkvo", "lr_mult_vision",
-                     "lr_mult_text", "lr_mult_proj", "adapter_rank"}
 
 
 @dataclass
@@ -122,8 +68,8 @@ class Prepared:
 
 
 class SequenceRunner:
-    """Owns one run: checks everything, builds it (fresh or resumed), trains every remaining task and writes
-    every artefact. ``components`` (method first) come from the registry; the engine imports no method."""
+    """Owns the order of one run: checks everything, builds it (fresh or resumed), trains every remaining task and
+    evaluates after each. ``components`` (method first) come from the registry; the engine imports no method."""
 
     def __init__(self, config: argparse.Namespace, components: list[Method], path_keys: set[str] = frozenset(),
                  env: DistributedEnv | None = None):
@@ -146,7 +92,8 @@ class SequenceRunner:
         self.settings: list[TaskSettings] = [task_settings(config, spec) for spec in self.specs]
         self.precision = resolve_precision(config.precision, resolve_device(config.device))
         record = {**vars(config), "precision": self.precision}  # the arithmetic this run really uses
-        self.config_record = {**config_for_checkpoint(record, self.path_keys), "record_version": RECORD_VERSION,
+        self.config_record = {**config_for_checkpoint(record, self.path_keys, roles=config._roles),
+                              "record_version": RECORD_VERSION,
                               "task_settings": [{"dataset": spec.dataset, **vars(settings)}
                                                 for spec, settings in zip(self.specs, self.settings)]}
         self.stop = StopFlag()
@@ -154,148 +101,26 @@ class SequenceRunner:
         self.resumed_from: Path | None = None  # the checkpoint read on resume (latest.pth, or a fallback)
         self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
         self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
+        self.records = Records(None, self.config_record, config.method)  # build() gives it the folder
+        self.repairs: Repairs | None = None  # metric files to rebuild on resume (found in prepare)
+        self.lock: FolderLock | None = None
 
     # ---------------------------------------------------------------- checks (nothing written)
     def check_settings(self) -> None:
-        """Every task has a length (unless the method trains nothing)."""
-        check_batch_sizes({spec.dataset: settings.batch_size for spec, settings in zip(self.specs, self.settings)},
-                          self.parallel.world_size)
-        for flag, size in type(self.method).shared_batch_sizes(self.config).items():
-            check_batch_sizes({"": size}, self.parallel.world_size, flag)
-        if self.method.training_free or type(self.method).sets_task_length(self.config):
-            return
-        missing = [spec.dataset for spec, settings in zip(self.specs, self.settings) if not has_length(settings)]
-        if missing:
-            raise UserError(f"training needs a length: give --iterations N or --epochs N (or set it per task in "
-                            f"--sequence); no length for {', '.join(missing)}")
+        checks.check_settings(self.config, [s.dataset for s in self.specs], self.settings, self.method,
+                              self.parallel.world_size)
 
     def check_data(self) -> None:
-        """Every dataset the run reads is there and its first items decode; reference data is there. All the
-        problems are reported together."""
-        config, problems = self.config, []
-
-        def attempt(check, *args, **kwargs) -> bool:
-            try:
-                check(*args, **kwargs)
-                return True
-            except UserError as exc:
-                problems.append(str(exc))
-                return False
-
-        for spec in self.specs:
-            if self.method.needs_classification_data:
-                if attempt(check_readable, spec.dataset, config.data_location, config.download, ("train", "test")):
-                    attempt(check_views, spec.dataset, config, trained=True)  # few-shot draws, base/new halves
-            elif spec.dataset not in CAPTION_DATASETS:
-                problems.append(f"--method {config.method} trains on a caption dataset "
-                                f"({', '.join(CAPTION_DATASETS)}), not {spec.dataset!r}")
-            else:
-                attempt(open_caption_dataset, spec.dataset, config.data_location)
-        trained = {spec.dataset for spec in self.specs}
-        for name in config.eval_datasets or []:
-            if name not in trained and name not in CAPTION_DATASETS:
-                if attempt(check_readable, name, config.data_location, config.download, ("test",)):
-                    attempt(check_views, name, config, trained=False)
-        for component in self.components:
-            attempt(component.check_inputs)
-        if problems:
-            raise UserError("; ".join(dict.fromkeys(problems)))
+        checks.check_data(self.config, [s.dataset for s in self.specs], self.components)
 
     def check_model(self, arch: Architecture) -> None:
-        """Settings that depend on the model's structure: --freeze patterns, something left to train, and each
-        component's own (OGD's tracked weights, LoRA's targets and trainable adapters). They run on twins built on
-        the meta device (names and shapes, no memory)."""
-        config = self.config
-
-        def twin() -> torch.nn.Module:
-            with torch.device("meta"):  # a fresh one each: a component may modify its own (LoRA injects)
-                return build_clip(arch)
-
-        if not any(c.trains_instead_of_clip for c in self.components):
-            names = trainable_names(twin(), config.train_mode, config.freeze)  # also checks the --freeze patterns
-            head = config.train_mode in ("image-fc", "fc")  # image-fc-fixed's head is frozen
-            if not self.method.training_free and not names and not head:
-                raise UserError(f"--train-mode {config.train_mode} with --freeze {','.join(config.freeze or [])} "
-                                f"leaves nothing to train")
-        for component in self.components:
-            component.check_model(twin())
-
-    def _continues_chain(self) -> bool:
-        """A chain link loads the previous link's task checkpoint from the same folder."""
-        return bool(self.config.load) and Path(self.config.load).resolve().parent == self.read_dir.resolve()
-
-    def _saved_latest(self) -> dict | None:
-        """The checkpoint to resume from: latest.pth, or when it is damaged (or gone while latest.prev.pth is
-        there) the newest good earlier one: latest.prev.pth, then the task checkpoints, newest first. Never
-        starts over silently: with no good checkpoint it is a one-line error."""
-        if self.read_dir is None:
-            return None
-        latest, previous = self.read_dir / LATEST, self.read_dir / PREVIOUS
-        if not latest.is_file() and not previous.is_file():
-            return None
-        damage = f"{latest} is missing"
-        if latest.is_file():
-            try:
-                saved = load_resumable(latest)
-                self.resumed_from, self.latest_is_good = latest, True
-                return saved
-            except UserError as exc:
-                damage = str(exc)
-        tasks = sorted((p for p in self.read_dir.glob("*.pth") if p.name not in (LATEST, PREVIOUS)),
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        for fallback in [previous, *tasks]:
-            if not fallback.is_file():
-                continue
-            try:
-                saved = load_resumable(fallback)
-            except UserError:
-                continue
-            state = saved["state"]
-            if self.parallel.is_main:
-                print(f"mtil: {damage}; resuming from the last good checkpoint {fallback} (after "
-                      f"{len(state.get('completed', []))} tasks, step {state.get('step', 0)})")
-            self.resumed_from = fallback
-            return saved
-        raise UserError(f"{damage}, and {self.read_dir} holds no earlier good checkpoint ({PREVIOUS} or a task "
-                        f"checkpoint) to resume from; move the folder away to start over")
-
-    def _resumable(self, saved: dict) -> dict | None:
-        """``saved`` if this command resumes it; None if it starts the next link of a chain; else a UserError."""
-        state = TrainingState.from_dict(saved["state"])
-        differences = config_differences(saved.get("config", {}), self.config_record,
-                                         getattr(self.config, "_defaults", {}), self.path_keys,
-                                         ignore=getattr(self.config, "_unused", ()))
-        if not differences:
-            return saved
-        if state.finished and self._continues_chain():
-            return None  # the previous link of a one-process-per-task chain: this link starts from its checkpoint
-        described = describe_differences(differences)
-        if state.finished:
-            raise UserError(
-                f"{self.read_dir} holds a finished run with other settings (saved -> now: {described}); use another "
-                f"--save (a chain's next link must --load a checkpoint from that folder)"
-            )
-        mid_task = state.step > 0 and "optimizer" in saved
-        structural = [k for k, _, _ in differences if k in OPTIMISER_SHAPING]
-        if self.config.force_resume and mid_task and structural:
-            raise UserError(
-                f"--force-resume cannot carry {self.read_dir}'s interrupted task over a change of "
-                f"{', '.join('--' + k.replace('_', '-') for k in structural)}: its saved optimiser state belongs to "
-                f"other parameters; resume with the saved values (saved -> now: {described}) or use another --save")
-        if self.config.force_resume:
-            print(f"--force-resume: resuming although these settings changed (saved -> now): {described} (a task "
-                  f"interrupted mid-way keeps its saved optimiser and schedule; new settings apply from the next task)")
-            return saved
-        raise UserError(
-            f"{self.read_dir} holds an unfinished run with other settings (saved -> now: {described}); re-run with "
-            f"its settings to resume, pass --force-resume to resume anyway, or use another --save"
-        )
+        checks.check_model(self.config, arch, self.components)
 
     def _fresh(self, device: torch.device) -> Prepared:
         config = self.config
         loaded = load_clip(config.model, clip_root=config.clip_root, untrained=config.untrained, load=config.load,
                            device=device, seed=config.seed, name_given="model" in getattr(config, "_cli", ()))
-        previous = chain_state(loaded.checkpoint, config)
+        previous = resume.chain_state(loaded.checkpoint, config)
         completed = list(previous.get("completed", []))
         again = [s.dataset for s in self.specs if s.dataset in completed]
         if again:
@@ -304,7 +129,7 @@ class SequenceRunner:
                             f"other datasets")
         state = TrainingState(sequence=completed + [s.dataset for s in self.specs], completed=completed,
                               global_step=int(previous.get("global_step", 0)), zero_shot_evaluated=bool(completed),
-                              base=previous.get("base") or base_spec(config, self.path_keys))
+                              base=previous.get("base") or resume.base_spec(config, self.path_keys))
         # a chain's --load brings the heads learned so far
         return Prepared(loaded.model, loaded.arch, device, state, loaded.source, loaded.checkpoint.get("heads") or {})
 
@@ -313,11 +138,15 @@ class SequenceRunner:
         before a saved run is compared with this command, so a typo is reported as itself, not as "other
         settings" of an unfinished run."""
         config = self.config
+        if self.save_dir is not None:
+            refuse_if_held(self.save_dir)  # another process runs in this folder: touch nothing of it
         self.check_settings()
         self.check_data()
         device = self.env.device if self.parallel.distributed else resolve_device(config.device)
-        saved = self._saved_latest()
-        if saved is not None:
+        saved_run = resume.find_saved(self.read_dir, speak=self.parallel.is_main)
+        saved = saved_run.payload if saved_run is not None else None
+        if saved_run is not None:
+            self.resumed_from, self.latest_is_good = saved_run.path, saved_run.is_latest
             arch = Architecture.from_dict(saved["arch"])
             prepared = Prepared(model_from_state_dict(saved["model"], arch).to(device), arch, device,
                                 TrainingState.from_dict(saved["state"]), f"resumed from {self.resumed_from}",
@@ -326,31 +155,53 @@ class SequenceRunner:
             prepared = self._fresh(device)
         self.check_model(prepared.arch)
         if saved is not None:
-            self.resumed = self._resumable(saved)
+            self.resumed = resume.decide(saved, config, self.config_record, self.read_dir, self.path_keys)
             if self.resumed is None:  # the next link of a chain starts from its --load
                 prepared = self._fresh(device)
                 self.check_model(prepared.arch)
+        if self.save_dir is not None and self.save_dir.is_dir():  # the metric files against their journal
+            state = prepared.state
+            rows_done = (len(state.completed) + (1 if state.task_evaluated else 0)) if state.zero_shot_evaluated \
+                else 0
+            self.repairs = check_folder(self.save_dir, upto=state.global_step if self.resumed else None,
+                                        rows_done=rows_done if self.resumed else None)
         return prepared
 
     def build(self) -> Run:
-        """Check everything, then (and only then) create the save folder, its log and config.yaml."""
+        """Check everything, then (and only then) take the save folder, create its log and config.yaml."""
         config = self.config
         prepared = self.prepare()
         if self.parallel.distributed:  # every check passed on this rank: join the others
             init_distributed(self.env)
         device, state = prepared.device, prepared.state
         announce_device(config.device, device)
-        _set_determinism(config)
+        set_determinism(config.deterministic)
         configure_matmul(device, config.deterministic)
         seed_everything(config.seed)
         precision = self.precision
-        log = _logger(self.save_dir)
         if self.save_dir is not None:
-            orphans = remove_orphaned_temporaries(self.save_dir)
+            self.lock = FolderLock(self.save_dir).acquire()  # one run per folder, until this process ends
+            self.records = Records.for_run(self.save_dir, self.config_record, config.method,
+                                           getattr(config, "report_to", None) or [], self.save_dir.name)
+            if self.resumed is not None:
+                self.records.load_state_dict(self.resumed.get("records"))
+            # trackers go on from a resumed checkpoint's step (replayed) or after a chain's --load's; a tracker that
+            # cannot start is one line before mtil writes its own files
+            chained = self.resumed is None and bool(state.completed)
+            self.records.start(resumed_at=state.global_step + 1 if chained else
+                               state.global_step if self.resumed is not None else None)
+        log = open_log(self.save_dir)
+        if self.save_dir is not None:
+            orphans = remove_orphaned_temporaries(self.save_dir)  # no live process's: we hold the folder
             if orphans:
                 _say(log, f"removed {len(orphans)} temporary file(s) an interrupted write left: {', '.join(orphans)}")
+            if self.repairs is not None:
+                for warning in apply_repairs(self.save_dir, self.repairs, list(state.sequence)):
+                    print(warning, file=sys.stderr)
+                    log.warning(warning)
             typed = set(getattr(config, "_cli", ())) | set(getattr(config, "_file", ()))
-            write_config_file(self.save_dir / "config.yaml", self.config_record, self._applied_settings(), typed)
+            self.records.config(self.config_record, applied_settings(self.specs, self.settings), typed, DERIVED,
+                                TASK_SETTINGS)
         self.parallel.barrier()  # rank 0 removed the orphans before another rank could read the folder
         evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
@@ -364,7 +215,7 @@ class SequenceRunner:
                 "model": config.model, "load": config.load, "method": config.method, "train_mode": config.train_mode,
                 "sequence": list(state.sequence)}).attach(evaluator)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
-                  precision=precision, parallel=self.parallel)
+                  precision=precision, parallel=self.parallel, records=self.records)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
         run.task_settings = {spec.dataset: settings for spec, settings in zip(self.specs, self.settings)}
         evaluator.learned_heads = run.heads
@@ -378,27 +229,9 @@ class SequenceRunner:
         _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model "
                   f"{prepared.source}; device {device}, precision {precision}, {torch.get_num_threads()} threads"
                   f"{processes}")
-        for line in self._settings_report():
+        for line in settings_lines(config, self.specs, self.settings, self.method.training_free):
             _say(log, line)
         return run
-
-    def _applied_settings(self) -> dict[str, dict]:
-        return {spec.dataset: {k: v for k, v in vars(settings).items() if v is not None}
-                for spec, settings in zip(self.specs, self.settings)}
-
-    def _settings_report(self) -> list[str]:
-        """What each task trains with, where a sequence gave per-task values (and which typed flags won)."""
-        lines = []
-        replaced = overridden(self.config, self.specs)
-        for key, tasks in replaced.items():
-            lines.append(f"note: --{key.replace('_', '-')} given on the command line (or in --config) replaces "
-                         f"{self.config.train_dataset}'s per-task {key} ({', '.join(tasks)})")
-        if any(spec.overrides for spec in self.specs) and not self.method.training_free:
-            for spec, settings in zip(self.specs, self.settings):
-                length = f"{settings.iterations} iterations" if settings.iterations is not None else \
-                    f"{settings.epochs} epochs"
-                lines.append(f"  {spec.dataset}: lr {settings.lr:g}, {length}, batch {settings.batch_size}")
-        return lines
 
     # ---------------------------------------------------------------- checkpoints
     def _payload(self, run: Run, with_optimizer: bool) -> dict:
@@ -413,6 +246,7 @@ class SequenceRunner:
             "state": run.state.to_dict(),
             "iteration": run.state.global_step,
             "config": self.config_record,
+            "records": self.records.state_dict(),  # what was recorded at this step, replayed on resume
         }
         check_weights_finite(payload["model"], "a checkpoint")
         if with_optimizer and task is not None and task.optimizer is not None:
@@ -439,36 +273,31 @@ class SequenceRunner:
 
     def evaluate_row(self, run: Run, after_task: int | None) -> list[dict]:
         rows, fewshot_rows = [], []
-        protocol = run.evaluator.fewshot
+        state, protocol = run.state, run.evaluator.fewshot
         part = fewshot_report.matrix_part(protocol)
         if self.reports is not None:
-            self.reports.begin_row(after_task, len(run.state.sequence), iteration=run.state.global_step)
+            self.reports.begin_row(after_task, len(state.sequence), iteration=state.global_step)
+        task = after_task if after_task is not None else len(state.completed) + 1  # mid-task: the one training
         for name in self.eval_names(run):
             result = run.evaluator.evaluate(name, "test", part)
             rows.append({"after_task": after_task, "dataset": name, "top1": result.top1, "top5": result.top5})
-            if self.save_dir is not None:
-                write_metric_row(self.save_dir, name, run.state.global_step, result.top1, result.top5)
-                append_result_line(self.save_dir, {
-                    "dataset": name, "iteration": run.state.global_step, "after_task": after_task,
-                    "sequence": run.state.completed, "top1": result.top1, "top5": result.top5,
-                    "images": result.count, "method": self.config.method,
-                    **({"classes": part} if protocol is not None else {})}, self.config_record)
+            self.records.evaluation(result_record(
+                dataset=name, iteration=state.global_step, after_task=after_task, sequence=state.completed,
+                top1=result.top1, top5=result.top5, images=result.count, classes=result.classes, part=part,
+                head=result.head, method=self.config.method), task)
             if protocol is not None and after_task is not None:
                 fewshot_rows += fewshot_report.evaluate_extra(run.evaluator, protocol, name, result,
-                                                              with_val=name in run.state.sequence)
+                                                              with_val=name in state.sequence)
         label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
-                                                    f"step {run.state.step}")
+                                                    f"step {state.step}")
         _say(run.log, f"[{label}] " + "  ".join(f"{r['dataset']} {r['top1']:.2f}" for r in rows))
         if fewshot_rows:
             _say(run.log, fewshot_report.format_line(label, fewshot_rows))
-            if self.save_dir is not None:
-                fewshot_report.write_rows(self.save_dir, after_task, fewshot_rows)
+            self.records.fewshot(after_task, fewshot_rows)
         if self.reports is not None:
             self.reports.finish(self.eval_names(run), lambda line: _say(run.log, line))
-        if after_task is not None and self.save_dir is not None and rows:
-            path = self.save_dir / "accuracy_matrix.csv"
-            long = read_or_rebuild_matrix(path) if path.is_file() else mx.empty_matrix()
-            mx.write_matrix(path, mx.upsert_rows(long, rows), run.state.sequence)
+        if after_task is not None:
+            self.records.matrix_cells(rows, state.sequence)
         self.parallel.barrier()
         return rows
 
@@ -569,7 +398,21 @@ class SequenceRunner:
 
     # ---------------------------------------------------------------- the whole sequence
     def run(self) -> Run:
-        run = self.build()
+        failed = True
+        try:
+            run = self.build()
+            self._run_sequence(run)
+            failed = False
+            return run
+        except Preempted:
+            failed = False  # stopped on request, its checkpoint written: it resumes
+            raise
+        finally:
+            self.records.close(failed)
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run_sequence(self, run: Run) -> None:
         state = run.state
         if state.finished:
             _say(run.log, f"{self.save_dir} already holds this finished run; nothing to resume")
@@ -587,108 +430,12 @@ class SequenceRunner:
             state.task_evaluated = True
             self.save_latest(run, with_optimizer=False)
         self.report(run)
-        return run
 
     def report(self, run: Run) -> None:
-        if self.save_dir is None:
-            return
-        path = self.save_dir / "accuracy_matrix.csv"
-        if not path.is_file():
-            return
-        long = read_or_rebuild_matrix(path)
         trained = [name for name in run.state.sequence if name not in CAPTION_DATASETS]
-        if not trained:  # e.g. contrastive pre-training: the matrix shows zero-shot ability before and after
-            datasets = list(dict.fromkeys(long["dataset"]))
-            print(mx.to_wide(long, datasets).round(2).to_string())
+        if self.records.final(trained, run.state.global_step, run.log) is None:
             return
-        write_reports(self.save_dir, self.config.method, long, trained, run.log)
         protocol = run.evaluator.fewshot
         if protocol is not None and (results := fewshot_report.final_results(self.save_dir)):
             _say(run.log, f"Few-shot protocol: {protocol.describe()}; at the end "
                           f"({fewshot_report.FEWSHOT_FILE}):\n{fewshot_report.format_table(results)}")
-
-
-def read_or_rebuild_matrix(path: Path):
-    """``accuracy_matrix.csv``, or when it is damaged the matrix rebuilt from the ``results.jsonl`` beside it
-    (which holds every evaluation), saying so; a one-line error when neither can be read."""
-    try:
-        return mx.read_matrix(path)
-    except (UnicodeDecodeError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        results = path.parent / "results.jsonl"
-        long = mx.matrix_from_results(results)[0] if results.is_file() else mx.empty_matrix()
-        if long.empty:
-            raise UserError(f"{path} is damaged ({type(exc).__name__}) and {results} holds no evaluations to rebuild "
-                            f"it from; move it away (the evaluations that follow write a new one)") from None
-        print(f"mtil: warning: {path} is damaged ({type(exc).__name__}); rebuilt from {results.name}", file=sys.stderr)
-        return long
-
-
-def chain_state(checkpoint: dict, config: argparse.Namespace) -> dict:
-    """The task history a ``--load``ed mtil checkpoint passes on.
-
-    A checkpoint of a run of the same method continues that run's sequence (the one-process-per-task chain: its
-    tasks, step count and zero-shot weights carry over). One from another method — e.g. contrastive pre-training —
-    only provides starting weights: a new sequence starts from them, and they are its zero-shot weights.
-    """
-    previous = checkpoint.get("state") or {}
-    if (checkpoint.get("config") or {}).get("method") != config.method:
-        return {}
-    return previous
-
-
-def base_spec(config: argparse.Namespace, path_keys: set[str] = frozenset()) -> dict:
-    """How to rebuild the zero-shot (pre-sequence) weights: recorded in the state, so that every link of a chain
-    and every resumed run refers to the same weights without storing a second copy in each checkpoint (paths
-    resolved, so a chain link started from another folder finds them)."""
-    record = config_for_checkpoint({k: getattr(config, k) for k in ("model", "load", "clip_root")},
-                                   path_keys | {"load", "clip_root"})
-    return {**record, "untrained": config.untrained, "seed": config.seed}
-
-
-def write_config_file(path: Path, record: dict, applied: dict[str, dict], typed: set[str]) -> None:
-    """``<save>/config.yaml``: the resolved settings, such that ``--config`` of this file repeats the run, and as
-    comments what each task trained with. Per-task settings the command did not type stay comments: typed, they
-    would replace a named order's per-task values (the rule of task_settings)."""
-    settings = {k: v for k, v in record.items() if k != "config" and k not in DERIVED}
-    kept = {k: v for k, v in settings.items() if k not in TASK_SETTINGS or k in typed}
-    lines = ["# mtil: the resolved settings of this run; `python -m mtil.main --config config.yaml` repeats it.",
-             "# Per-task settings applied:"]
-    lines += [f"#   {task}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for task, values in applied.items()]
-    lines += ["# Not typed, so a named order's per-task values apply over them (defaults otherwise):"]
-    lines += [f"#   {k}: {v}" for k, v in settings.items() if k not in kept]
-    text = "\n".join(lines) + "\n" + yaml.safe_dump(kept, sort_keys=False, default_flow_style=None)
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
-
-
-class ZeroShotWeights:
-    """The zero-shot weights (CPU state dict), loaded on first use and kept."""
-
-    def __init__(self, spec: dict, config: argparse.Namespace):
-        self.spec, self.config, self._weights = spec, config, None
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        if self._weights is None:
-            spec = self.spec
-            model = load_clip(spec["model"], clip_root=spec.get("clip_root") or self.config.clip_root,
-                              untrained=spec["untrained"], load=spec["load"], device="cpu", seed=spec["seed"]).model
-            self._weights = {n: p.detach() for n, p in model.named_parameters()}
-        return self._weights
-
-
-def write_reports(save_dir: Path, method: str, long, order: list[str], log: logging.Logger | None = None) -> dict:
-    """Print the matrix and its metrics; write summary.csv and the heat map beside the matrix."""
-    print(mx.format_matrix(long, order))
-    complete = True
-    try:
-        metrics = mx.summarize(long, order)
-    except ValueError:
-        metrics, complete = mx.summarize(long, order, partial=True), False
-    row = {"method": method, **metrics}
-    mx.write_summary(save_dir / "summary.csv", [row])
-    mx.plot_heatmap(long, order, save_dir / "accuracy_matrix.png", title=method)
-    text = mx.format_summary([row]) + ("" if complete else "\n(partial: some cells of the matrix are missing)")
-    print(text)
-    if log is not None:
-        log.info("summary %s", {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return row

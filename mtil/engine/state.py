@@ -21,7 +21,7 @@ class TrainingState:
     global_step: int = 0  # optimiser steps over all tasks
     zero_shot_evaluated: bool = False
     task_evaluated: bool = True  # the last completed task's matrix row is written
-    base: dict = field(default_factory=dict)  # how to rebuild the zero-shot weights (see sequence.base_spec)
+    base: dict = field(default_factory=dict)  # how to rebuild the zero-shot weights (see resume.base_spec)
     nonfinite_skipped: int = 0  # steps the numerical guard skipped (--skip-nonfinite), over the whole run
 
     @property

@@ -71,9 +71,14 @@ def metrics_from_results(results: str | Path, dataset: str) -> dict[int, tuple[f
 
 def write_metric_row(save_dir: str | Path, dataset: str, iteration: int, top1: float, top5: float) -> Path:
     """Add (or replace) the row for ``iteration``: a re-run evaluation never duplicates a row."""
-    path = metrics_path(save_dir, dataset)
-    rows = read_metrics(path)
+    rows = read_metrics(metrics_path(save_dir, dataset))
     rows[int(iteration)] = (float(top1), float(top5))
+    return write_metric_rows(save_dir, dataset, rows)
+
+
+def write_metric_rows(save_dir: str | Path, dataset: str, rows: Mapping[int, tuple[float, float]]) -> Path:
+    """Write a metrics file holding exactly ``rows`` (iteration -> (top1, top5))."""
+    path = metrics_path(save_dir, dataset)
     with atomic_open(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(METRIC_COLUMNS)

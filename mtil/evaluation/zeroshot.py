@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader, Subset
 
 from mtil.datasets.base import TaskData
 from mtil.datasets.fewshot import FewShot, open_view
-from mtil.engine.parallel import SINGLE, Parallel
 from mtil.evaluation.sampling import balanced_sample
 from mtil.models.heads import Head, ZeroShotHead
 from mtil.models.text import zeroshot_head
 from mtil.models.transforms import eval_transform
+from mtil.parallel import SINGLE, Parallel
 
 
 @dataclass(frozen=True)
