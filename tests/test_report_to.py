@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from mtil.main import main
+from mtil.records import sink as sink_module
+from mtil.records.sink import Sink
 from tests.tracker_readback import tensorboard_images, tensorboard_scalars, wandb_history, wandb_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,15 +128,58 @@ def test_killed_and_resumed_each_step_appears_once_with_the_straight_runs_values
             assert [v for _, v in points] == pytest.approx([v for _, v in expected[tag]], abs=1e-6), tag
 
 
-def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(tmp_path):
-    blocker = tmp_path / "blocker"
-    (blocker / "tensorboard").mkdir(parents=True)
-    (blocker / "tensorboard" / "__init__.py").write_text("raise ImportError('not installed')\n")
-    env = {**_env(), "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard: ImportError, as when not installed
     save = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "mtil.main", *COMMAND, "--save", str(save)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    assert main([*COMMAND, "--save", str(save)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install tensorboard" in lines[0], lines
     assert not save.exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
+    from mtil.records.sinks.tensorboard import TensorBoardSink
+
+    def refuse(self, config, resumed_at, replay):
+        raise PermissionError("the event folder is read-only")
+
+    monkeypatch.setattr(TensorBoardSink, "start", refuse)
+    save = tmp_path / "run"
+    assert main([*COMMAND[:-1], "tensorboard", "--save", str(save)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--report-to tensorboard could not start (PermissionError" in lines[0], lines
+    assert not (save / "config.yaml").exists() and not (save / ".mtil.lock").exists()
+
+
+class Recording(Sink):
+    """A tracker added the way any other would be: one class that registers itself."""
+
+    name = "recording"
+    calls: list = []
+
+    def start(self, config, resumed_at, replay):
+        Recording.calls.append(("start", resumed_at))
+
+    def scalars(self, step, values):
+        Recording.calls.append(("scalars", step, sorted(values)))
+
+    def matrix(self, step, table, heatmap):
+        Recording.calls.append(("matrix", step, list(table.columns), heatmap.name))
+
+    def summary(self, step, metrics):
+        Recording.calls.append(("summary", step, sorted(metrics)))
+
+    def close(self, failed=False):
+        Recording.calls.append(("close", failed))
+
+
+def test_a_new_tracker_is_one_class_that_registers_itself(tmp_path, monkeypatch):
+    monkeypatch.setitem(sink_module._SINKS, "recording", Recording)
+    monkeypatch.setattr(Recording, "calls", [])
+    assert main([*COMMAND[:-1], "recording", "--iterations", "2", "--save", str(tmp_path / "run")]) == 0
+    calls = Recording.calls
+    assert calls[0] == ("start", None) and calls[-1] == ("close", False)
+    assert ("scalars", 0, ["eval/ToyColor/top1", "eval/ToyColor/top5"]) in calls
+    assert ("scalars", 3, ["train/ce", "train/images_per_s", "train/lr", "train/task"]) in calls
+    assert calls[-3] == ("matrix", 4, ["ToyShape", "ToyColor"], "accuracy_matrix.png")
+    assert calls[-2] == ("summary", 4, ["avg", "bwt", "forgetting", "last", "transfer", "zero_shot"])

@@ -80,6 +80,10 @@ class Records:
             raise errors[0]
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the latest step recorded at and its records. The trackers are flushed first,
+        so that everything the checkpoint says was recorded is on disk."""
+        for tracker in self.trackers:
+            tracker.flush()
         return {"step": self._step, "at_step": dict(self._at_step)}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:

@@ -14,6 +14,8 @@ in the order a run makes them, and only on rank 0:
 * ``matrix(step, table, heatmap)``: the accuracy matrix (a wide DataFrame, rows after each task) and its heat map
   (a PNG file), when the sequence ends.
 * ``summary(step, metrics)``: Transfer / Avg / Last (and the other metrics), when the sequence ends.
+* ``flush()``: before every checkpoint is written: what the checkpoint says was recorded must be on disk (a
+  resumed run replays only its own step, and a kill -9 loses whatever a tracker still buffers).
 * ``close(failed)``: always; ``failed`` when the run stops on an error (a stop request that saved a checkpoint
   is no failure: the run resumes).
 
@@ -57,6 +59,9 @@ class Sink:
 
     def summary(self, step: int, metrics: Scalars) -> None:
         """Transfer / Avg / Last and the other metrics, at the end of the sequence."""
+
+    def flush(self) -> None:
+        """Make what was recorded so far durable (called before each checkpoint is written)."""
 
     def close(self, failed: bool = False) -> None:
         """Flush and release; called on every exit (``failed``: the run ended on an error)."""

@@ -76,7 +76,10 @@ class TensorBoardSink(Sink):
         if self._writer is None:
             return
         self._add_scalars(step, values)
-        self._writer.flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def matrix(self, step: int, table, heatmap: Path | None) -> None:
         if self._writer is None:
@@ -103,8 +106,12 @@ class TensorBoardSink(Sink):
             writer.close()  # flushes
 
     def _add_scalars(self, step: int, values: Scalars) -> None:
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, float(value), global_step=int(step))
+        """All of a call's scalars as one event (one Summary holding a value per tag): a quarter of the cost of
+        ``add_scalar`` per tag at a progress line's four; TensorBoard reads each value as its tag's point."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
+        self._writer.file_writer.add_summary(summary, global_step=int(step))
 
 
 def markdown_table(table) -> str:
