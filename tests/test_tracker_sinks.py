@@ -126,6 +126,7 @@ for step in range(1, 8):  # the checkpoint is at RESUMED_AT; what follows it dif
         sink.scalars(step, train(step, stale=step >= RESUMED_AT))
         if step == RESUMED_AT:
             sink.scalars(step, {key: value + 1000 for key, value in evaluation(step).items()})
+            sink.flush()  # the checkpoint at RESUMED_AT: the records owner flushes the trackers before writing it
 os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush, no atexit: what a kill -9 leaves
 """
 
