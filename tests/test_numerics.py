@@ -56,6 +56,16 @@ def test_non_finite_weights_are_never_written():
     check_weights_finite({"a": torch.zeros(2)}, "a checkpoint")
 
 
+def test_exploded_weights_are_named_not_a_stop_iteration():
+    """Weights whose 2-norm overflows float32 failed the fused check while no element was NaN or inf, and naming
+    the culprit ended in StopIteration (issue 24: --lr 1e20). Now they are named as exploded; a NaN as not finite."""
+    with pytest.raises(NonFiniteError, match=r"weight b has exploded \(largest \|value\| 3e\+30"):
+        check_weights_finite({"a": torch.ones(3), "b": torch.full((64,), 3e30)}, "a checkpoint")
+    with pytest.raises(NonFiniteError, match="weight c is not finite"):
+        check_weights_finite({"b": torch.full((64,), 3e30), "c": torch.tensor([1.0, math.nan])}, "a checkpoint")
+    check_weights_finite({"a": torch.full((64,), 1e15)}, "a checkpoint")  # large, not exploded
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -107,11 +117,16 @@ def test_a_transient_non_finite_step_is_skipped_when_allowed(tmp_path, monkeypat
 
 @pytest.mark.parametrize("flags", [
     ["--lr", "1e6"],
+    ["--lr", "1e20"],
+    ["--lr", "1e20", "--precision", "bf16"],
+    ["--lr", "1e20", "--skip-nonfinite", "1"],
+    ["--lr", "3e38"],
     ["--l2", "3e38"],
     ["--lora", "--lora-alpha", "1e30"],
     ["--method", "ZSCL", "--ref-dataset", "ToyCaptions", "--ref-sentences", "ToyCaptions",
      "--ref-sentences-count", "20", "--T", "1e30"],
-], ids=["huge-lr", "huge-l2", "huge-lora-alpha", "huge-T"])
+], ids=["huge-lr", "lr-1e20", "lr-1e20-bf16", "lr-1e20-skip", "lr-3e38-optimizer-overflow", "huge-l2",
+        "huge-lora-alpha", "huge-T"])
 def test_every_exploding_setting_stops_at_its_step_and_writes_only_finite_weights(flags, tmp_path, capsys):
     """The settings the original trained on to the end with NaN: each stops with one line and exit code 2."""
     save = tmp_path / "run"

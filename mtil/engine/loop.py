@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.method import Method, ordered
-from mtil.engine.numerics import NonFiniteGuard
+from mtil.engine.numerics import NonFiniteError, NonFiniteGuard
 from mtil.engine.preemption import Preempted, StopFlag
 from mtil.engine.run import Run, TaskContext
 
@@ -112,11 +112,20 @@ def optimization_step(run: Run, hooks: dict[str, list[Method]], optimizer: torch
             return losses
     for component in hooks["after_backward"]:
         component.after_backward(run)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+    try:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        # e.g. AdamW's step size lr / (1 - beta1^t) beyond float32 (--lr 3e38): the update itself is not finite,
+        # and the optimiser may have changed some of its state already, so the step cannot be skipped cleanly
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        raise NonFiniteError(f"{where}: the optimiser's update is not finite (lr {lr:.3g}: {exc}); stopped, the "
+                             f"checkpoints already written are kept (lower --lr)") from None
     return losses
 
 

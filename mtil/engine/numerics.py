@@ -21,8 +21,9 @@ class NonFiniteError(UserError):
 
 
 def finite_flag(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every element of every tensor is finite (a NaN or inf makes its tensor's norm non-finite;
-    one fused norm per group on a GPU, no host sync)."""
+    """A 0-d bool tensor: every tensor's 2-norm is finite (one fused norm per group on a GPU, no host sync). A NaN
+    or inf makes its tensor's norm non-finite; so do finite values whose squares overflow float32 (a tensor above
+    about 1e19): gradients or weights that large have exploded, and count as not finite."""
     tensors = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
     if not tensors:
         return torch.tensor(True)
@@ -69,8 +70,16 @@ class NonFiniteGuard:
 
 
 def check_weights_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse to write ``what`` when a weight is NaN or infinite (names the first such tensor)."""
+    """Refuse to write ``what`` when a weight is NaN or infinite, or has exploded (its 2-norm overflows float32);
+    names the first such tensor."""
     if all_finite(state_dict.values()):
         return
-    bad = next(k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    raise NonFiniteError(f"not writing {what}: weight {bad} is not finite; the checkpoints already written are kept")
+    tensors = [(k, v.detach()) for k, v in state_dict.items() if v.is_floating_point()]
+    bad = next((k for k, v in tensors if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise NonFiniteError(f"not writing {what}: weight {bad} is not finite; the checkpoints already written are "
+                             f"kept")
+    name, value = next((k, v) for k, v in tensors if not torch.isfinite(torch.linalg.vector_norm(v.float())))
+    raise NonFiniteError(f"not writing {what}: weight {name} has exploded (largest |value| "
+                         f"{value.abs().max().item():.3g}: its norm overflows float32); the checkpoints already "
+                         f"written are kept (lower --lr)")
