@@ -33,3 +33,24 @@ def no_space_error(path: str | Path | None, cause: OSError) -> NoSpaceError:
     return NoSpaceError(f"no space left on the device ({where}: {cause.strerror or 'No space left on device'}); "
                         "the files written before are intact: free space and run the same command again, it "
                         "resumes from the last checkpoint")
+
+
+# The file-system refusals a command line's paths can cause: each becomes one line naming the path.
+_PATH_ERRORS = {errno.ENAMETOOLONG: "a file or folder name is over the file system's limit (255 bytes)",
+                errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+                errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.EISDIR: "it is a folder, not a file", errno.ELOOP: "too many symbolic links"}
+
+
+def path_error(exc: BaseException) -> UserError | None:
+    """The one-line error for an ``OSError`` (in ``exc``'s chain) that a path caused, or None for another error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _PATH_ERRORS:
+            name = str(exc.filename) if exc.filename is not None else "a path"
+            shown = name if len(name) <= 120 else name[:60] + "..." + name[-40:]
+            return UserError(f"{shown}: {_PATH_ERRORS[exc.errno]} ({exc.strerror}); check the paths given to mtil")
+        exc = exc.__cause__ or exc.__context__
+    return None
+

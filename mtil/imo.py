@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mtil.errors import UserError
+from mtil.errors import UserError, path_error
 from mtil.flags import (_OneLineParser, add_flag, non_negative_float, non_negative_int, open_unit_interval,
                         positive_float, positive_int, seed_int, worker_count, dropout)
 
@@ -106,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except UserError as exc:
         print(f"mtil.imo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the file system refuses (too long, read-only, a file for a folder): one line
+        error = path_error(exc)
+        if error is None:
+            raise
+        print(f"mtil.imo: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtil.imo: interrupted (imo_adapter.pt holds the last finished epoch, if any)", file=sys.stderr)

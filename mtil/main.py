@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from mtil.args import parse_args
-from mtil.errors import UserError, no_space_cause, no_space_error
+from mtil.errors import UserError, no_space_cause, no_space_error, path_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,11 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:  # a file name or value with a line break in it stays on the one line
         print("mtil: error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk outside mtil's own writers (a log line, a folder): still one line
-        cause = no_space_cause(exc)
-        if cause is None:
+    except OSError as exc:  # a full disk outside mtil's own writers (a log line, a folder), a path the file system
+        cause = no_space_cause(exc)  # refuses (too long, read-only, a file where a folder must be): still one line
+        error = no_space_error(None, cause) if cause is not None else path_error(exc)
+        if error is None:
             raise
-        print(f"mtil: error: {no_space_error(None, cause)}", file=sys.stderr)
+        print(f"mtil: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtil: interrupted", file=sys.stderr)

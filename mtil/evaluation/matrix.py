@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mtil.atomic import atomic_open
+from mtil.errors import UserError
 
 MATRIX_COLUMNS = ("after_task", "dataset", "top1", "top5")
 SUMMARY_METRICS = ("transfer", "avg", "last", "forgetting", "bwt", "zero_shot")
@@ -249,13 +250,17 @@ def read_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            rec: dict[str, Any] = {"method": row.get("method", "")}
-            for key in SUMMARY_METRICS:
-                text = (row.get(key) or "").strip()
-                rec[key] = float(text) if text else math.nan
-            out.append(rec)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                rec: dict[str, Any] = {"method": row.get("method", "")}
+                for key in SUMMARY_METRICS:
+                    text = (row.get(key) or "").strip()
+                    rec[key] = float(text) if text else math.nan
+                out.append(rec)
+    except (UnicodeDecodeError, ValueError, csv.Error) as exc:  # its rows are kept (one per method): never guessed
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: it holds rows that are no summary); move it away, "
+                        f"and the next --summarize (or the end of the run) writes it again") from None
     return out
 
 

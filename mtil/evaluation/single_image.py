@@ -17,7 +17,11 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--class-names file {path} does not exist (expected one class name per line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--class-names file {path} is not UTF-8 text (expected one class name per line)") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise UserError(f"--class-names file {path} is empty (expected one class name per line)")
     return names

@@ -25,7 +25,7 @@ from pathlib import Path
 from mtil.errors import UserError
 from mtil.evaluation import matrix as mx
 from mtil.evaluation.metrics_io import METRIC_COLUMNS, metrics_path, write_metric_rows
-from mtil.records.files import MATRIX, RESULTS, series_name
+from mtil.records.files import MATRIX, RESULTS, SUMMARY, series_name
 
 Cell = tuple[int, str]
 Accuracy = tuple[float, float]  # top1, top5, rounded as the CSV files hold them
@@ -129,6 +129,7 @@ def check_folder(folder: Path, upto: int | None = None, rows_done: int | None = 
     journal = read_journal(folder)
     repairs = Repairs(journal)
     results, matrix_path = folder / RESULTS, folder / MATRIX
+    mx.read_summary(folder / SUMMARY)  # damaged: one line now, before anything is written (its rows are not guessed)
     if journal.damaged_lines:
         repairs.warnings.append(f"mtil: warning: {results} line(s) {', '.join(map(str, journal.damaged_lines[:5]))} "
                                 f"are not records (skipped; no other metric file holds an evaluation they lost)")

@@ -17,7 +17,7 @@ from typing import Sequence
 import yaml
 
 from mtil.atomic import atomic_open
-from mtil.errors import UserError
+from mtil.errors import UserError, path_error
 from mtil.evaluation.selection import selection_split
 from mtil.flags import _OneLineParser, add_flag, name_list, positive_int, seed_list
 from mtil.sweep import tables
@@ -170,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return finish(outcomes, "mtil.sweep", "point")
     except UserError as exc:
         print("mtil.sweep: error: " + str(exc).replace("\n", "\\n"), file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the file system refuses (too long, read-only, a file for a folder): one line
+        error = path_error(exc)
+        if error is None:
+            raise
+        print(f"mtil.sweep: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtil.sweep: interrupted", file=sys.stderr)
