@@ -3,9 +3,10 @@ or run the command once per seed of --seeds)."""
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a SIGTERM/SIGUSR1 at start-up is a stop request, not death
-    from mtil.engine.preemption import install_early_handlers
+    from mtil.engine.preemption import install_early_handlers, stop_with_parent
 
     install_early_handlers()
+    stop_with_parent()  # a point of mtil.sweep stops (saving) when the sweep is killed
 
 import argparse
 import sys

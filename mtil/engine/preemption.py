@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -64,3 +66,29 @@ def stop_on_signals(flag: StopFlag, signals=STOP_SIGNALS) -> Iterator[StopFlag]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+PARENT_ENV = "MTIL_STOP_WITH_PARENT"  # set by mtil.sweep (and --seeds) for the mtil processes it starts
+
+
+def stop_with_parent(poll_seconds: float = 0.5) -> threading.Thread | None:
+    """When ``MTIL_STOP_WITH_PARENT`` names this process's parent, a daemon thread sends this process SIGTERM once
+    the parent is gone (a ``kill -9`` of the sweep): a training run then saves at its next step boundary and exits,
+    instead of writing on into a point folder that a resumed sweep will use."""
+    try:
+        parent = int(os.environ.get(PARENT_ENV, ""))
+    except ValueError:
+        return None
+    if parent != os.getppid():  # not started by that process (or it is already gone): stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="mtil-parent-watch", daemon=True)
+    thread.start()
+    return thread
+

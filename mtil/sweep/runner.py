@@ -19,10 +19,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from mtil.atomic import atomic_open
-from mtil.engine.preemption import EARLY, PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from mtil.engine.preemption import EARLY, PARENT_ENV, PREEMPTED_EXIT_CODE, STOP_SIGNALS
+from mtil.folder_lock import holder
 from mtil.sweep.command import PointCommand
 
 MARKER = "sweep_point.json"
@@ -44,6 +46,18 @@ def is_finished(command: PointCommand) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("command") == command.argv
+
+
+def _wait_for_folder(folder: Path, patience: float = 120.0) -> None:
+    """A point folder still held by a live process (the child of a killed sweep, stopping and saving): wait for it
+    rather than start a second run there (which its lock would refuse)."""
+    deadline, said = time.monotonic() + patience, False
+    while (info := holder(folder)) is not None and time.monotonic() < deadline:
+        if not said:
+            print(f"mtil.sweep: {folder} is still held by process {info.get('pid')} (stopping); waiting for it",
+                  flush=True)
+            said = True
+        time.sleep(0.5)
 
 
 def _duration(seconds: float) -> str:
@@ -87,6 +101,7 @@ class Runner:
 
     def _launch(self, command: PointCommand) -> Outcome:
         command.save.mkdir(parents=True, exist_ok=True)
+        _wait_for_folder(command.save)
         echo = self.parallel == 1
         start = time.perf_counter()
         with (command.save / LOG).open("a", encoding="utf-8") as log:
@@ -96,8 +111,9 @@ class Runner:
                 if self.stopping:
                     return Outcome(command, "not started")
                 process = subprocess.Popen(command.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                           text=True, errors="replace", bufsize=1,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines as they come
+                                           text=True, errors="replace", bufsize=1,  # lines as they come; the point
+                                           env={**os.environ, "PYTHONUNBUFFERED": "1",  # stops when this sweep dies
+                                                PARENT_ENV: str(os.getpid())})
                 self._live.add(process)
             for line in process.stdout:
                 log.write(line)
