@@ -39,7 +39,6 @@ class Records:
         self.method = method
         self._step: int | None = None  # the latest global step recorded at, and what was recorded there
         self._at_step: Scalars = {}
-        self._started = False
 
     @classmethod
     def for_run(cls, folder: Path | None, config_record: Mapping[str, Any], method: str,
@@ -65,7 +64,6 @@ class Records:
                 reason = " ".join(str(exc).split())[:300]
                 raise UserError(f"--report-to {tracker.name} could not start ({type(exc).__name__}: {reason}); "
                                 f"fix it, or drop {tracker.name} from --report-to") from None
-        self._started = True
 
     def close(self, failed: bool = False) -> None:
         """Close every tracker (each even when another fails to)."""
