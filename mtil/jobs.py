@@ -86,10 +86,11 @@ def evaluate(args: argparse.Namespace) -> int:
     # A WiSE-FT blend is another model than the checkpoint: its rows go to their own metric files, never over the
     # checkpoint's own rows of the same iteration (e.g. when evaluating into the training run's folder).
     variant = f"wiseft{args.alpha:g}" if args.wise_ft else ""
-    with FolderLock(Path(args.save)) if args.save else nullcontext():
+    save = Path(args.save) if args.save else None
+    with FolderLock(save) if save else nullcontext():
         # trackers of an evaluation keep their files apart: a training run's tracker run in the folder stays its own
-        records = Records.for_run(Path(args.save) if args.save else None, config, "eval-only",
-                                  args.report_to or [], "eval-only", Path(args.save or ".") / "eval-only")
+        records = Records.for_run(save, config, "eval-only", args.report_to or [], "eval-only",
+                                  save / "eval-only" if save else None)
         failed = True
         try:
             records.start()
