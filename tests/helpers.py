@@ -5,15 +5,16 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
-import torch
 
 from mtil.main import main
 from mtil.methods.finetune import Finetune
+from mtil.tensor_files import load_tensors
 
 
 def load(path: Path) -> dict:
-    """A checkpoint as mtil reads it (``weights_only=True``: a test fails if anything pickled sneaks in)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint as mtil reads it (verified against its checksums, ``weights_only``: a test fails if anything
+    pickled sneaks in)."""
+    return load_tensors(path, "checkpoint")
 
 
 def run_killed_at(monkeypatch, argv: Sequence[str], completed: list[str], step: int, method=Finetune) -> None:

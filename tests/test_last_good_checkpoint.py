@@ -11,6 +11,7 @@ import torch
 from mtil.engine.checkpoint import load_resumable
 from mtil.errors import UserError
 from mtil.main import main
+from tests.damage import overwrite_in_place
 from tests.helpers import load, run_killed_at
 
 FAST = ["--model", "micro-vit", "--batch-size", "8", "--lr", "1e-3", "--warmup-length", "1",
@@ -39,7 +40,7 @@ def test_the_previous_latest_is_kept(tmp_path, monkeypatch):
     assert previous["state"]["global_step"] < latest["state"]["global_step"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "missing-key", "deleted"])
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "overwritten", "missing-key", "deleted"])
 def test_a_damaged_latest_falls_back_to_the_previous_and_resumes_exactly(damage, tmp_path, monkeypatch, capsys,
                                                                          uninterrupted):
     save = _killed_in_second_task(tmp_path, monkeypatch)
@@ -48,6 +49,8 @@ def test_a_damaged_latest_falls_back_to_the_previous_and_resumes_exactly(damage,
         latest.write_bytes(latest.read_bytes()[:1000])
     elif damage == "zero-byte":
         latest.write_bytes(b"")
+    elif damage == "overwritten":  # 16 floats changed in place: torch.load reads it without complaint
+        overwrite_in_place(latest, nbytes=64)
     elif damage == "missing-key":
         payload = load(latest)
         del payload["state"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from mtil.engine.numerics import NonFiniteError, NonFiniteGuard, all_finite, check_weights_finite
+from mtil.engine.numerics import EXPLOSION_FACTOR, NonFiniteError, NonFiniteGuard, WeightsGuard, all_finite
 from mtil.main import main
 from mtil.methods.finetune import Finetune
 from tests.helpers import load
@@ -50,20 +51,28 @@ def test_skips_are_counted_against_the_limit_and_then_stop():
 
 
 def test_non_finite_weights_are_never_written():
+    guard = WeightsGuard()
     with pytest.raises(NonFiniteError, match="not writing a checkpoint: weight b is not finite"):
-        check_weights_finite({"a": torch.zeros(2), "b": torch.tensor([0.0, math.nan]), "n": torch.arange(2)},
-                             "a checkpoint")
-    check_weights_finite({"a": torch.zeros(2)}, "a checkpoint")
+        guard.check([("a", torch.zeros(2)), ("b", torch.tensor([0.0, math.nan])), ("n", torch.arange(2))],
+                    "a checkpoint")
+    with pytest.raises(NonFiniteError, match="weight b is not finite"):
+        guard.check([("a", torch.zeros(2)), ("b", torch.tensor([-math.inf]).to(torch.bfloat16))], "a checkpoint")
+    guard.check([("a", torch.zeros(2)), ("n", torch.arange(2)), ("e", torch.zeros(0))], "a checkpoint")
 
 
-def test_exploded_weights_are_named_not_a_stop_iteration():
+def test_exploded_weights_are_named_against_their_start():
     """Weights whose 2-norm overflows float32 failed the fused check while no element was NaN or inf, and naming
-    the culprit ended in StopIteration (issue 24: --lr 1e20). Now they are named as exploded; a NaN as not finite."""
+    the culprit ended in StopIteration (issue 24: --lr 1e20); finite weights of 1e20 were saved. The bound is
+    EXPLOSION_FACTOR x max(1, the tensor's largest |value| at the start)."""
+    guard = WeightsGuard({"big": torch.full((4,), 1e15), "small": torch.tensor([0.5, -0.25])})
     with pytest.raises(NonFiniteError, match=r"weight b has exploded \(largest \|value\| 3e\+30"):
-        check_weights_finite({"a": torch.ones(3), "b": torch.full((64,), 3e30)}, "a checkpoint")
-    with pytest.raises(NonFiniteError, match="weight c is not finite"):
-        check_weights_finite({"b": torch.full((64,), 3e30), "c": torch.tensor([1.0, math.nan])}, "a checkpoint")
-    check_weights_finite({"a": torch.full((64,), 1e15)}, "a checkpoint")  # large, not exploded
+        guard.check([("small", torch.ones(3)), ("b", torch.full((64,), 3e30)), ("c", torch.tensor([math.nan]))],
+                    "a checkpoint")
+    guard.check([("big", torch.full((64,), 1e18)), ("small", torch.full((2,), -0.99 * EXPLOSION_FACTOR))], "x")
+    with pytest.raises(NonFiniteError, match=r"weight small has exploded .* max\(1, 0.5\)"):
+        guard.check([("small", torch.tensor([0.0, -1.01 * EXPLOSION_FACTOR]))], "a checkpoint")
+    with pytest.raises(NonFiniteError, match="weight new has exploded"):  # no start (a head): the bound of 1
+        guard.check([("new", torch.tensor([2 * EXPLOSION_FACTOR]))], "a checkpoint")
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -137,3 +146,22 @@ def test_every_exploding_setting_stops_at_its_step_and_writes_only_finite_weight
     for path in save.glob("*.pth"):
         weights = load(path)["model"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path.name
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--method", "embedding-adapter", "--train-dataset", "ToyColorA", "--shots", "4", "--iterations", "3",
+      "--lr", "1e20", "--warmup-length", "1", "--batch-size", "8"], r"heads/ToyColorA/tensors/\S+ has exploded"),
+    (["--method", "tip-adapter-f", "--train-dataset", "ToyColorB", "--shots", "2", "--tip-lr", "1e20"],
+     r"heads/ToyColorB/tensors/keys is not finite"),
+])
+def test_a_head_trained_to_nonsense_is_never_saved(argv, culprit, tmp_path, capsys):
+    """Tip-Adapter-F at --tip-lr 1e20 saved all-NaN keys, the embedding adapter at --lr 1e20 weights of 1.9e20,
+    and both exited 0 at chance. Now the checkpoint after the task is refused in one line, exit 2: latest.pth stays
+    the zero-shot one and no task row is recorded."""
+    save = tmp_path / "run"
+    assert main(["--model", "micro-vit", "--max-evaluation-size", "24", "--workers", "0", "--device", "cpu",
+                 "--log-every", "0", *argv, "--save", str(save)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(culprit, err[0]) and "Traceback" not in err[0], err
+    assert load(save / "latest.pth")["state"]["completed"] == []
+    assert not list(save.glob("ToyColor*.pth"))

@@ -9,8 +9,9 @@ whenever the weights may have moved), so features are never reused across differ
 (e.g. a second run from the same checkpoint) find them. A head whose features depend on anything outside
 ``model.visual`` must say so in its ``feature_id`` (the descriptor holds it).
 
-Files: ``DIR/<first two hex digits>/<key>.pt``, ``torch.save`` of plain tensors and strings, written atomically
-(:mod:`mtil.atomic`) and read with ``weights_only=True``. A damaged or mismatching file is ignored with a warning
+Files: ``DIR/<first two hex digits>/<key>.pt``, plain tensors and strings with their checksums, written atomically
+(:mod:`mtil.atomic`) and read back verified (:mod:`mtil.tensor_files`: bytes changed on disk are caught, not
+used). A damaged or mismatching file is ignored with a warning
 (the caller recomputes and the new entry replaces it); a failed write is a warning too: the store is an
 optimisation, never a reason to stop a run.
 """
@@ -29,6 +30,7 @@ import torch.nn as nn
 
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
+from mtil.tensor_files import load_tensors, save_tensors
 
 FORMAT = "mtil-features"
 VERSION = 1
@@ -86,13 +88,14 @@ class FeatureStore:
             self.misses += 1
             return None
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
+            entry = load_tensors(path, "feature cache file")
             features, labels = _checked(entry, _describe(descriptor))
-        except Exception as exc:  # any damage: a truncated file, a foreign pickle, wrong contents
+        except Exception as exc:  # any damage: a truncated file, changed bytes, a foreign pickle, wrong contents
             self.damaged += 1
             self.misses += 1
-            _warn(f"feature cache file {path} cannot be used ({type(exc).__name__}: {str(exc)[:120]}); the "
-                  f"features are computed again and replace it")
+            reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc)[:120]}"
+            _warn(f"feature cache file {path} cannot be used ({reason[:200]}); the features are computed again and "
+                  f"replace it")
             return None
         self.hits += 1
         return features, labels
@@ -104,7 +107,7 @@ class FeatureStore:
                  "features": features.detach().cpu().contiguous(), "labels": labels.detach().cpu().long()}
         try:
             with atomic_open(path, "wb") as handle:
-                torch.save(entry, handle)
+                save_tensors(entry, handle)
         except (OSError, UserError) as exc:
             _warn(f"could not write the feature cache file {path} ({exc}); the run goes on without it")
             return

@@ -2,24 +2,26 @@
 
 A checkpoint is a plain dict of tensors and Python values (no pickled objects): model and head state dicts,
 optimiser, scheduler, method states, RNG states, counters and the resolved configuration. It is written to a
-temporary file and renamed, and read back with ``torch.load(weights_only=True)``.
+temporary file and renamed, with a checksum of every tensor, and read back verified (:mod:`mtil.tensor_files`,
+``weights_only``): a file with bytes changed on disk is damage, like a truncated one.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 
+from mtil.archive_check import archive_damage
 from mtil.atomic import atomic_open
 from mtil.engine.state import TrainingState
 from mtil.errors import UserError
 from mtil.flags import flags_with_role
+from mtil.tensor_files import DamagedFile, load_tensors, save_tensors
 
 FORMAT = "mtil-checkpoint"
 VERSION = 1
@@ -213,13 +215,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     """Write ``payload`` atomically. ``keep_previous``: the file it replaces becomes ``latest.prev.pth`` (a hard
     link staged before the new file is written and renamed into place once it is, so a good file exists at every
     instant and a failed write, a full disk say, changes neither), and the new file is read back (every zip
-    record's CRC) before the call returns."""
+    record's CRC, :func:`mtil.archive_check.archive_damage`) before the call returns."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     staged = _stage_previous(path) if keep_previous and path.is_file() else None
     try:
         with atomic_open(path, "wb") as handle:
-            torch.save(payload, handle)
+            save_tensors(payload, handle)
     except BaseException:
         if staged is not None:
             staged.unlink(missing_ok=True)
@@ -227,7 +229,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep_previous: bo
     if staged is not None:
         os.replace(staged, path.parent / PREVIOUS)
     if keep_previous:
-        damaged = _damaged_record(path)
+        damaged = archive_damage(path)
         if damaged:
             raise UserError(f"{path} did not read back as written ({damaged}); {path.parent / PREVIOUS} is the last "
                             f"good checkpoint (is the disk failing?)")
@@ -246,15 +248,6 @@ def _stage_previous(path: Path) -> Path:
     return staged
 
 
-def _damaged_record(path: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as exc:
-        return f"{type(exc).__name__}: {str(exc)[:80]}"
-    return f"record {bad} fails its CRC" if bad else None
-
-
 def remove_orphaned_temporaries(folder: Path) -> list[str]:
     """Delete the ``.<name>.XXXX.tmp`` files that a kill during an atomic write leaves behind (they are never
     read: the rename is the commit). Returns their names."""
@@ -267,11 +260,14 @@ def remove_orphaned_temporaries(folder: Path) -> list[str]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, verified (a UserError naming the file and the damage when it is not intact)."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}: {str(exc)[:100]})") from None
+        payload = load_tensors(path, "checkpoint")
+    except DamagedFile as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an mtil checkpoint")
     return payload

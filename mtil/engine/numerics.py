@@ -9,29 +9,16 @@ design: those are not errors, only a non-finite loss is.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
 from mtil.errors import UserError
+from mtil.finite import all_finite, finite_flag, first_nonfinite  # noqa: F401 - re-exported
 
 
 class NonFiniteError(UserError):
     """A loss, gradient or weight that is NaN or infinite: the run stops before anything is written."""
-
-
-def finite_flag(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every tensor's 2-norm is finite (one fused norm per group on a GPU, no host sync). A NaN
-    or inf makes its tensor's norm non-finite; so do finite values whose squares overflow float32 (a tensor above
-    about 1e19): gradients or weights that large have exploded, and count as not finite."""
-    tensors = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
-    if not tensors:
-        return torch.tensor(True)
-    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
-
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    return bool(finite_flag(tensors))
 
 
 def describe_losses(losses: Mapping[str, torch.Tensor]) -> str:
@@ -69,17 +56,41 @@ class NonFiniteGuard:
                              f"written are kept ({hint})")
 
 
-def check_weights_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse to write ``what`` when a weight is NaN or infinite, or has exploded (its 2-norm overflows float32);
-    names the first such tensor."""
-    if all_finite(state_dict.values()):
-        return
-    tensors = [(k, v.detach()) for k, v in state_dict.items() if v.is_floating_point()]
-    bad = next((k for k, v in tensors if not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise NonFiniteError(f"not writing {what}: weight {bad} is not finite; the checkpoints already written are "
-                             f"kept")
-    name, value = next((k, v) for k, v in tensors if not torch.isfinite(torch.linalg.vector_norm(v.float())))
-    raise NonFiniteError(f"not writing {what}: weight {name} has exploded (largest |value| "
-                         f"{value.abs().max().item():.3g}: its norm overflows float32); the checkpoints already "
-                         f"written are kept (lower --lr)")
+EXPLOSION_FACTOR = 1e4  # a saved weight may grow to this many times max(1, its largest |value| at the start)
+
+
+def largest_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The largest |value| of each tensor (NaN for a tensor holding a NaN), in one fused pass per device."""
+    if not tensors:
+        return []
+    return [float(v) for v in torch.stack([n.float().cpu() for n in torch._foreach_norm(
+        [t.detach() for t in tensors], float("inf"))])]
+
+
+class WeightsGuard:
+    """Refuses to save weights that are not finite or have exploded. The bound of a tensor is
+    :data:`EXPLOSION_FACTOR` times the larger of 1 and its largest |value| when this process started (the run's
+    start, or the checkpoint it resumed from); a tensor that did not exist then (a head, an adapter) has the bound
+    of a start of 1. Training that works moves weights by far less; one that diverges overshoots it by orders of
+    magnitude (``--lr 1e20`` gives 1e20) while staying finite, and would be saved and evaluated at chance."""
+
+    def __init__(self, start: Mapping[str, torch.Tensor] | None = None):
+        named = [(k, v) for k, v in (start or {}).items() if v.is_floating_point() and v.numel()]
+        self.start = dict(zip((k for k, _ in named), largest_values([v for _, v in named])))
+
+    def check(self, named: list[tuple[str, torch.Tensor]], what: str) -> None:
+        """A :class:`NonFiniteError` naming the first tensor of ``named`` that is not finite or over its bound."""
+        tensors = [(k, v) for k, v in named if v.is_floating_point() and v.numel()]
+        largest = largest_values([v for _, v in tensors])
+        for (name, _), value in zip(tensors, largest):
+            if not math.isfinite(value):
+                bad = first_nonfinite(tensors) or f"{name} is not finite"
+                raise NonFiniteError(f"not writing {what}: weight {bad}; the checkpoints already written are kept "
+                                     f"(lower --lr, or the method's own learning rate)")
+            start = self.start.get(name)
+            if value > EXPLOSION_FACTOR * max(start or 0.0, 1.0):
+                bound = f"{EXPLOSION_FACTOR:.0e} x max(1, {start:.3g}) at the start" if start is not None else \
+                    f"{EXPLOSION_FACTOR:.0e}, the bound of a weight made since the start"
+                raise NonFiniteError(
+                    f"not writing {what}: weight {name} has exploded (largest |value| {value:.3g}, over {bound}); "
+                    f"the checkpoints already written are kept (lower --lr, or the method's own learning rate)")

@@ -20,7 +20,9 @@ from mtil.engine.checkpoint import (
 )
 from mtil.engine.state import TrainingState
 from mtil.errors import UserError
+from mtil.evaluation.metrics_io import safe_name
 from mtil.flags import flags_with_role
+from mtil.tensor_files import file_damage
 
 
 @dataclass
@@ -63,6 +65,18 @@ def find_saved(folder: Path | None, speak: bool = True) -> SavedRun | None:
         return SavedRun(saved, fallback, False)
     raise UserError(f"{damage}, and {folder} holds no earlier good checkpoint ({PREVIOUS} or a task "
                     f"checkpoint) to resume from; move the folder away to start over")
+
+
+def check_finished_run(folder: Path, state: TrainingState) -> None:
+    """Re-running a finished run verifies its task checkpoints (those ``--keep-checkpoints`` kept), one at a time:
+    a one-line UserError naming the first damaged one, before anything is written."""
+    for index, name in enumerate(state.completed):
+        path = folder / f"{safe_name(name)}.pth"
+        damage = file_damage(path, "its task checkpoint") if path.is_file() else None
+        if damage is not None:
+            raise UserError(f"{folder} holds this finished run, but {damage}; the weights after "
+                            f"task {index + 1} ({name}) are lost, its metrics are not (they are checked against "
+                            f"results.jsonl): run the command again with another --save to recreate them")
 
 
 def continues_chain(config: argparse.Namespace, folder: Path) -> bool:

@@ -25,7 +25,7 @@ from mtil.engine.checkpoint import DERIVED, LATEST, RECORD_VERSION, capture_rng,
     remove_orphaned_temporaries, restore_rng, save_checkpoint
 from mtil.engine.loop import train_steps
 from mtil.engine.method import Method, ordered, run_after_task, run_before_task
-from mtil.engine.numerics import check_weights_finite
+from mtil.engine.numerics import WeightsGuard
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision, set_determinism
 from mtil.engine.preemption import Preempted, StopFlag
@@ -46,6 +46,7 @@ from mtil.models.architectures import Architecture
 from mtil.models.clip_loading import load_clip, model_from_state_dict
 from mtil.models.heads import head_from_state, head_state
 from mtil.models.lora import base_state_dict
+from mtil.tensor_files import payload_tensors
 from mtil.models.train_modes import select_trainable, trains_text
 from mtil.models.zeroshot_weights import ZeroShotWeights
 from mtil.parallel import SINGLE, Parallel
@@ -100,6 +101,7 @@ class SequenceRunner:
         self.resumed: dict | None = None
         self.resumed_from: Path | None = None  # the checkpoint read on resume (latest.pth, or a fallback)
         self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
+        self.guard = WeightsGuard()  # build() bounds the saved weights by the model's start
         self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
         self.records = Records(None, self.config_record, config.method)  # build() gives it the folder
         self.repairs: Repairs | None = None  # metric files to rebuild on resume (found in prepare)
@@ -159,6 +161,8 @@ class SequenceRunner:
             if self.resumed is None:  # the next link of a chain starts from its --load
                 prepared = self._fresh(device)
                 self.check_model(prepared.arch)
+            elif prepared.state.finished:
+                resume.check_finished_run(self.read_dir, prepared.state)
         if self.save_dir is not None and self.save_dir.is_dir():  # the metric files against their journal
             state = prepared.state
             rows_done = (len(state.completed) + (1 if state.task_evaluated else 0)) if state.zero_shot_evaluated \
@@ -216,6 +220,8 @@ class SequenceRunner:
                 "sequence": list(state.sequence)}).attach(evaluator)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision, parallel=self.parallel, records=self.records)
+        # the saved weights' bounds: their largest values now (the run's start, or the checkpoint it resumed from)
+        self.guard = WeightsGuard({f"model/{k}": v for k, v in base_state_dict(run.model).items()})
         run.zeroshot_state = ZeroShotWeights(state.base, config)
         run.task_settings = {spec.dataset: settings for spec, settings in zip(self.specs, self.settings)}
         evaluator.learned_heads = run.heads
@@ -248,7 +254,9 @@ class SequenceRunner:
             "config": self.config_record,
             "records": self.records.state_dict(),  # what was recorded at this step, replayed on resume
         }
-        check_weights_finite(payload["model"], "a checkpoint")
+        # every weight saved: the model's, the heads' (Tip-Adapter-F's keys, the embedding adapter), the methods'
+        self.guard.check(list(payload_tensors({k: payload[k] for k in ("model", "heads", "methods")})),
+                         "a checkpoint")
         if with_optimizer and task is not None and task.optimizer is not None:
             payload["optimizer"] = task.optimizer.state_dict()
             payload["scheduler"] = task.scheduler.state_dict()

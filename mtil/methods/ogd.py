@@ -53,6 +53,7 @@ from mtil.evaluation.metrics_io import safe_name
 from mtil.flags import add_flag, energy_fraction, name_list, positive_int
 from mtil.models.train_modes import CLIP_TRAINING_MODES, wanted_by_mode
 from mtil.registry import register
+from mtil.tensor_files import read_tensor_file, save_tensors
 
 DEFAULT_PATTERNS = ["*attn.in_proj_weight", "*attn.out_proj.weight", "*mlp.c_fc.weight", "*mlp.c_proj.weight"]
 BASIS_FORMAT = "mtil-ogd-basis"
@@ -135,12 +136,12 @@ def is_orthonormal(basis: torch.Tensor, atol: float = 1e-3) -> bool:
 
 # --------------------------------------------------------------------------- files
 def save_basis(path: str | Path, basis: dict[str, torch.Tensor], tasks: list[str], energy: float) -> Path:
-    """Atomically write a basis file (``torch.load(weights_only=True)`` reads it back)."""
+    """Atomically write a basis file, with its checksums (:mod:`mtil.tensor_files`)."""
     path = Path(path)
     payload = {"format": BASIS_FORMAT, "version": 1, "energy": float(energy), "tasks": list(tasks),
                "basis": {n: b.detach().to("cpu", torch.float32).contiguous() for n, b in basis.items()}}
     with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+        save_tensors(payload, handle)
     return path
 
 
@@ -149,7 +150,7 @@ def save_raw(path: str | Path, gradients: dict[str, torch.Tensor], task: str, st
     payload = {"format": RAW_FORMAT, "version": 1, "task": task, "steps": list(steps),
                "gradients": {n: g.detach().cpu().contiguous() for n, g in gradients.items()}}
     with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+        save_tensors(payload, handle)
     return path
 
 
@@ -157,10 +158,7 @@ def load_basis(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(basis per parameter name, tasks it covers) from a ``grad_<Dataset>.pth`` file or a plain dict of
     orthonormal ``K x numel`` tensors. Raw gradients are refused (convert them first)."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read OGD basis {path} ({type(exc).__name__}: {str(exc)[:100]})") from None
+    payload = read_tensor_file(path, "OGD basis")
     if not isinstance(payload, dict):
         raise UserError(f"{path} is not an OGD basis file (expected a dict)")
     if payload.get("format") == RAW_FORMAT:

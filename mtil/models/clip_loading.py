@@ -18,8 +18,10 @@ from clip.model import CLIP
 
 from mtil.hardware import resolve_device  # noqa: F401 - re-exported: callers load a model on a device
 from mtil.errors import UserError
+from mtil.finite import first_nonfinite
 from mtil.models import toyclip
 from mtil.models.torchscript_weights import NotTorchScript, is_torchscript_archive, read_torchscript_tensors
+from mtil.tensor_files import DamagedFile, payload_tensors, read_tensor_file
 from mtil.models.architectures import (
     ALL_ARCHITECTURES,
     OPENAI_ARCHITECTURES,
@@ -113,10 +115,12 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             payload = read_torchscript_tensors(path)
         except NotTorchScript as exc:
             raise UserError(f"cannot read {path} as a TorchScript archive's weights: {exc}") from None
-    else:
+    else:  # torch.save's format: its checksums (an mtil file) or its zip CRCs verified
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+            payload = read_tensor_file(path, "weights file")
+        except DamagedFile:
+            raise
+        except UserError:
             raise UserError(
                 f"cannot read {path}: not an mtil checkpoint, an OpenAI CLIP file or a ZSCL state dict"
             ) from None
@@ -129,13 +133,23 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         odd = _odd_entry(rest)
         if odd:
             raise UserError(f"cannot read {path}: its entry {odd} (damaged?)")
+        _check_finite(path, payload_tensors({"model": payload["model"], "heads": rest.get("heads")}))
         return _clean_state_dict(payload["model"]), rest
     if "state_dict" in payload and isinstance(payload["state_dict"], Mapping):  # original ZSCL format
         payload = payload["state_dict"]
     state_dict = _clean_state_dict(payload)
     if "text_projection" not in state_dict:
         raise UserError(f"{path} holds no CLIP weights (no 'text_projection' key among {len(state_dict)} entries)")
+    _check_finite(path, state_dict.items())
     return state_dict, {}
+
+
+def _check_finite(path: Path, named) -> None:
+    """Weights from a file are used only when every one is finite (NaN, inf or exploded values would train or
+    evaluate to chance without a word)."""
+    bad = first_nonfinite((name, value) for name, value in named if isinstance(value, torch.Tensor))
+    if bad is not None:
+        raise UserError(f"cannot use {path}: weight {bad}; the file holds no usable model")
 
 
 def _same(recorded: Any, value: Any) -> bool:

@@ -44,6 +44,7 @@ from clip.model import ResidualAttentionBlock, VisionTransformer
 
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
+from mtil.tensor_files import DamagedFile, read_tensor_file, save_tensors
 
 ADAPTER_ATTR = "imo_adapter"
 FORMAT = "mtil-imo-adapter"
@@ -211,7 +212,7 @@ def save_imo_adapters(model: nn.Module, path: str | os.PathLike, meta: Mapping[s
         {k: v.detach().cpu().clone() for k, v in adapters.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "tensors": tensors, "meta": {**imo_config(model), **(meta or {})}}
     with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+        save_tensors(payload, handle)
     return path
 
 
@@ -221,10 +222,11 @@ def read_imo_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not path.is_file():
         raise UserError(f"IMO adapter file {path} does not exist (train one with python -m mtil.imo)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, pickled objects ...
-        raise UserError(f"cannot read IMO adapter file {path} ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:100]}); damaged, or not written by python -m mtil.imo") from None
+        payload = read_tensor_file(path, "IMO adapter file")
+    except DamagedFile:
+        raise
+    except UserError as exc:  # not a torch file, pickled objects ...
+        raise UserError(f"{exc}; damaged, or not written by python -m mtil.imo") from None
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an IMO adapter file (no format {FORMAT!r}); write one with python -m mtil.imo")
     tensors, meta = payload.get("tensors"), payload.get("meta")
