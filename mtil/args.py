@@ -377,6 +377,11 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if not (args.train_dataset or args.sequence) and not args.summarize:
             inert(training_flags, "no --train-dataset or --sequence: nothing to train (give the tasks, e.g. "
                                   "--train-dataset DTD or MTIL-I, or --eval-only to evaluate)")
+    if not is_template(args.prompt):
+        raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
+                        f"braces, got {args.prompt!r}")
+    if not args.eval_single:  # an image folder's names come from its own classnames.txt
+        inert(["class_names", "prompt"], "--class-names and --prompt name the classes of --eval-single's image")
     for note in notes:
         print(f"mtil: note: {note}", file=sys.stderr)
     if args.report and not args.eval_single and (args.summarize or not args.save):
@@ -386,9 +391,6 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         _check_report_to(args)
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
-    if not is_template(args.prompt):
-        raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
-                        f"braces, got {args.prompt!r}")
 
 
 def _check_report_to(args: argparse.Namespace) -> None:

@@ -105,7 +105,7 @@ def _small_records_damage(path: Path) -> str | None:
                     continue  # a tensor's storage: its checksum is in the payload
                 archive.read(info)  # raises BadZipFile on a CRC mismatch
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-        return f"{str(exc)[:80] or type(exc).__name__}"
+        return f"its zip records cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
     return None
 
 

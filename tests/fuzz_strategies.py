@@ -415,7 +415,11 @@ def base_checkpoint() -> bytes:
 def base_payload() -> dict:
     import torch
 
-    return torch.load(io.BytesIO(base_checkpoint()), map_location="cpu", weights_only=True)
+    from mtil.tensor_files import CHECKSUM_KEY
+
+    payload = torch.load(io.BytesIO(base_checkpoint()), map_location="cpu", weights_only=True)
+    payload.pop(CHECKSUM_KEY)  # a structure edit re-saves the dict: its checks are the structure's, not the sums'
+    return payload
 
 
 @functools.lru_cache(maxsize=None)
@@ -437,15 +441,20 @@ class Damage:
     """How a copy of :func:`base_checkpoint` is damaged: ``bytes`` edits of the file, or ``structure`` edits of
     its dict re-saved with torch.save (an entry deleted or given another value)."""
 
-    kind: str  # "none" (an intact copy), "zero", "truncate", "bytes", "random", "structure"
+    kind: str  # "none" (an intact copy), "zero", "zeroed", "truncate", "bytes", "storage", "random", "structure"
     edits: tuple = ()
+    source: str = "checkpoint"  # which file of mtil's is damaged (TENSOR_FILES); structure edits: checkpoints only
 
     def materialize(self) -> bytes:
-        base = base_checkpoint()
+        base = TENSOR_FILES[self.source][0]()
         if self.kind == "none":
             return base
         if self.kind == "zero":
             return b""
+        if self.kind == "zeroed":  # the size kept, every byte 0 (a file system that lost the blocks)
+            return bytes(len(base))
+        if self.kind == "storage":  # bytes changed in place inside a tensor's record: the zip stays valid
+            return _overwrite_storage(base, *self.edits)
         if self.kind == "truncate":
             return base[:self.edits[0] % len(base)]
         if self.kind == "random":
@@ -484,6 +493,23 @@ class Damage:
         return buffer.getvalue()
 
 
+def _overwrite_storage(base: bytes, which: int, at: int, noise: bytes) -> bytes:
+    """``base`` with the bytes at ``at`` of its ``which``-th tensor record each changed by ``noise`` (non-zero)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(base)) as archive:
+        infos = [i for i in archive.infolist() if i.file_size and i.filename.split("/")[-2:-1] == ["data"]]
+    info = infos[which % len(infos)]
+    name_length, extra_length = struct.unpack_from("<HH", base, info.header_offset + 26)
+    start = info.header_offset + 30 + name_length + extra_length
+    data = bytearray(base)
+    for offset, delta in enumerate(noise):
+        position = start + (at + offset) % info.file_size
+        data[position] = (data[position] + (delta or 1)) % 256
+    return bytes(data)
+
+
 def _weights_only_value(value):
     """A value ``torch.load(weights_only=True)`` can read back: tensors are described as ('tensor', kind)."""
     import torch
@@ -516,6 +542,23 @@ TRICKY_DAMAGES = [
 ]
 
 
+def byte_damages(source: str) -> st.SearchStrategy[Damage]:
+    """Damage to the bytes of one of mtil's tensor files: cut short, zeroed, bits and bytes changed anywhere, or
+    bytes changed in place inside a tensor's record (what torch.load alone reads without complaint)."""
+    positions = st.integers(0, 2**31)
+    byte_edit = st.one_of(st.tuples(st.just("flip"), positions, st.integers(0, 7)),
+                          st.tuples(st.just("write"), positions, st.binary(min_size=1, max_size=16)),
+                          st.tuples(st.just("append"), st.just(0), st.binary(min_size=1, max_size=64)))
+    return weighted(
+        (1, st.builds(Damage, st.sampled_from(["zero", "zeroed", "none"]), st.just(()), st.just(source))),
+        (2, st.builds(Damage, st.just("truncate"), st.tuples(positions), st.just(source))),
+        (3, st.builds(Damage, st.just("bytes"), st.lists(byte_edit, min_size=1, max_size=8).map(tuple),
+                      st.just(source))),
+        (4, st.builds(Damage, st.just("storage"), st.tuples(st.integers(0, 1000), positions,
+                                                            st.binary(min_size=1, max_size=64)), st.just(source))),
+    )
+
+
 def damages() -> st.SearchStrategy[Damage]:
     positions = st.integers(0, 2**31)
     values = st.one_of(SCALARS, st.lists(st.integers(-2, 100), max_size=4), st.dictionaries(FILE_TEXT, SCALARS,
@@ -530,11 +573,217 @@ def damages() -> st.SearchStrategy[Damage]:
         (2, st.sampled_from(TRICKY_DAMAGES)),
         (1, st.sampled_from([Damage("zero"), Damage("none")])),
         (2, st.builds(Damage, st.just("truncate"), st.tuples(positions))),
+        (2, st.builds(Damage, st.just("storage"), st.tuples(st.integers(0, 1000), positions,
+                                                            st.binary(min_size=1, max_size=64)))),
+        (1, st.just(Damage("zeroed"))),
         (4, st.builds(Damage, st.just("bytes"), st.lists(byte_edit, min_size=1, max_size=8).map(tuple))),
         (1, st.builds(Damage, st.just("random"), st.tuples(st.binary(max_size=200)
                                                            | st.just(b"PK\x03\x04" + b"\x00" * 100)))),
         (5, st.builds(Damage, st.just("structure"), st.lists(structure_edit, min_size=1, max_size=4).map(tuple))),
     )
+
+
+# ---------------------------------------------------------------------------------------------- tensor files
+FEATURES_DESCRIPTOR = {"dataset": "ToyShape", "split": "test", "kind": "fuzz"}
+
+
+@functools.lru_cache(maxsize=None)
+def _micro_model():
+    from mtil.models.clip_loading import load_clip
+
+    return load_clip("micro-vit", seed=0).model
+
+
+def _written(write: Callable[[Path], Path]) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        return write(Path(tmp)).read_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def base_feature_entry() -> bytes:
+    import torch
+
+    from mtil.adapters.feature_cache import FeatureStore
+
+    def write(folder: Path) -> Path:
+        store = FeatureStore(folder)
+        generator = torch.Generator().manual_seed(0)
+        store.save(_micro_model(), 0, FEATURES_DESCRIPTOR, torch.randn(40, 64, generator=generator),
+                   torch.arange(40) % 4)
+        return store.path(_micro_model(), 0, FEATURES_DESCRIPTOR)
+
+    return _written(write)
+
+
+@functools.lru_cache(maxsize=None)
+def feature_entry_name() -> str:
+    """Where a FeatureStore rooted at ``fc`` looks for the entry of :data:`FEATURES_DESCRIPTOR`."""
+    from mtil.adapters.feature_cache import FeatureStore
+
+    store = FeatureStore("fc")
+    return str(store.path(_micro_model(), 0, FEATURES_DESCRIPTOR))
+
+
+@functools.lru_cache(maxsize=None)
+def base_imo_adapter() -> bytes:
+    import copy
+
+    import torch
+
+    from mtil.models.imo_adapter import add_imo_adapters, imo_adapters, save_imo_adapters
+
+    model = copy.deepcopy(_micro_model())
+    add_imo_adapters(model)
+    with torch.no_grad():
+        for parameter in imo_adapters(model).parameters():
+            parameter.normal_(generator=torch.Generator().manual_seed(parameter.numel()))
+    return _written(lambda folder: save_imo_adapters(model, folder / "imo.pt"))
+
+
+@functools.lru_cache(maxsize=None)
+def base_ogd_basis() -> bytes:
+    import torch
+
+    from mtil.methods.ogd import save_basis
+
+    rows = torch.linalg.qr(torch.randn(300, 3, generator=torch.Generator().manual_seed(0)))[0].T.contiguous()
+    return _written(lambda folder: save_basis(folder / "grad_ToyShape.pth", {"visual.proj": rows}, ["ToyShape"],
+                                              0.97))
+
+
+def _intact(source: str):
+    from mtil.tensor_files import load_tensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f"
+        path.write_bytes(TENSOR_FILES[source][0]())
+        return load_tensors(path)
+
+
+def _same_tensors(read: Any, written: Any, what: str) -> None:
+    """Raise when a file accepted as intact gave other tensors than were written: damage used silently."""
+    from mtil.tensor_files import payload_tensors
+
+    import torch
+
+    got, want = list(payload_tensors(read)), list(payload_tensors(written))
+    if [n for n, _ in got] != [n for n, _ in want] or not all(
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for (_, a), (_, b) in zip(got, want)):
+        raise AssertionError(f"a damaged {what} was read as intact and its tensors were used")
+
+
+def _read_checkpoint(folder: Path) -> str:
+    from mtil.engine.checkpoint import load_resumable
+    from mtil.errors import UserError
+
+    try:
+        payload = load_resumable(folder / "latest.pth")
+    except UserError:
+        return ERROR
+    _same_tensors(payload["model"], base_payload()["model"], "checkpoint")
+    return VALID
+
+
+def _read_feature_entry(folder: Path) -> str:
+    from mtil.adapters.feature_cache import FeatureStore
+
+    store = FeatureStore(folder / "fc")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        found = store.load(_micro_model(), 0, FEATURES_DESCRIPTOR)
+    if found is None:
+        assert store.damaged == 1 and "cannot be used" in err.getvalue(), err.getvalue()
+        return ERROR
+    written = _intact("feature-cache")
+    _same_tensors(list(found), [written["features"], written["labels"]], "feature-cache entry")
+    return VALID
+
+
+def _read_imo_adapter(folder: Path) -> str:
+    from mtil.errors import UserError
+    from mtil.models.imo_adapter import read_imo_file
+
+    try:
+        tensors, _ = read_imo_file(folder / "imo.pt")
+    except UserError:
+        return ERROR
+    _same_tensors(tensors, _intact("imo-adapter")["tensors"], "IMO adapter file")
+    return VALID
+
+
+def _read_ogd_basis(folder: Path) -> str:
+    from mtil.errors import UserError
+    from mtil.methods.ogd import load_basis
+
+    try:
+        basis, _ = load_basis(folder / "grad_ToyShape.pth")
+    except UserError:
+        return ERROR
+    _same_tensors(basis, _intact("ogd-basis")["basis"], "OGD basis")
+    return VALID
+
+
+# source -> (the intact file's bytes, its name in a case's folder, the reader that uses it as mtil does)
+TENSOR_FILES: dict[str, tuple[Callable[[], bytes], Callable[[], str], Callable[[Path], str]]] = {
+    "checkpoint": (lambda: base_checkpoint(), lambda: "latest.pth", _read_checkpoint),
+    "feature-cache": (lambda: base_feature_entry(), feature_entry_name, _read_feature_entry),
+    "imo-adapter": (lambda: base_imo_adapter(), lambda: "imo.pt", _read_imo_adapter),
+    "ogd-basis": (lambda: base_ogd_basis(), lambda: "grad_ToyShape.pth", _read_ogd_basis),
+}
+
+
+# ---------------------------------------------------------------------------------------------- path flags
+# Every flag of mtil.main that names a file or folder, with a command it takes part in.
+TRAIN_BASE = (*("--model", "micro-vit", "--device", "cpu", "--workers", "0"), "--train-dataset", "ToyShape",
+              "--iterations", "2")
+EVAL_BASE = ("--model", "micro-vit", "--device", "cpu", "--workers", "0", "--eval-only", "--eval-datasets", "ToyShape")
+PATH_FLAG_BASES = {
+    "--save": (TRAIN_BASE, EVAL_BASE), "--load": (TRAIN_BASE, EVAL_BASE), "--config": (TRAIN_BASE, EVAL_BASE),
+    "--sequence": (TRAIN_BASE[:6],), "--class-names": (EVAL_BASE,), "--clip-root": (TRAIN_BASE,),
+    "--data-location": (TRAIN_BASE, EVAL_BASE), "--feature-cache": ((*TRAIN_BASE, "--method", "tip-adapter",
+                                                                      "--shots", "2"),),
+    "--imo-adapter": ((*TRAIN_BASE, "--method", "tip-adapter", "--shots", "2"),),
+    "--orthogonal-gradients-path": ((*TRAIN_BASE, "--orthogonal-gradients", "2"),),
+    "--ref-model": ((*TRAIN_BASE, "--method", "ZSCL", "--ref-dataset", "ToyShape"),),
+    "--model": (TRAIN_BASE[2:], EVAL_BASE[2:]), "--eval-single": (EVAL_BASE[:6],), "--summarize": ((),),
+}
+LONG_NAME = "n" * 300  # one component over the 255 bytes of most file systems
+LONG_PATH = "/".join(["p" * 200] * 25)  # 5000 characters: over PATH_MAX
+
+
+def _path_value(kind: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """(the flag's value, the files it needs) for each kind of bad path."""
+    return {
+        "long-name": (f"{CASE_DIR}/{LONG_NAME}", ()),
+        "long-path": (f"{CASE_DIR}/{LONG_PATH}", ()),
+        "folder": (CASE_DIR, ()),
+        "under-a-file": (f"{CASE_DIR}/plain/sub", (("plain", b"text"),)),
+        "missing": (f"{CASE_DIR}/no/such/thing", ()),
+    }[kind]
+
+
+def path_cases() -> st.SearchStrategy:
+    @st.composite
+    def case(draw):
+        flag = draw(st.sampled_from(sorted(PATH_FLAG_BASES)))
+        base = draw(st.sampled_from(PATH_FLAG_BASES[flag]))
+        kind = draw(st.sampled_from(["long-name", "long-path", "folder", "under-a-file", "missing", "binary",
+                                     "zeros", "empty", "damaged"]))
+        if kind in ("binary", "zeros", "empty", "damaged"):
+            content = {"binary": draw(st.binary(min_size=1, max_size=300)), "zeros": bytes(2000), "empty": b"",
+                       "damaged": draw(byte_damages("checkpoint"))}[kind]
+            value, files = f"{CASE_DIR}/file", (("file", content),)
+        else:
+            value, files = _path_value(kind)
+        if flag == "--summarize":
+            argv = ("--summarize", value)
+        elif flag == "--model":
+            argv = ("--model", value, *base)
+        else:
+            argv = (*base, flag, value)
+        return Case(argv=argv, files=files, deep=True)
+
+    return case()
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -703,7 +952,8 @@ def _read_matrix(folder: Path) -> str:
 
 
 READERS: dict[str, Callable[[Path], str]] = {"metrics": _read_metrics, "results": _read_results,
-                                             "matrix": _read_matrix}
+                                             "matrix": _read_matrix,
+                                             **{f"tensor:{k}": v[2] for k, v in TENSOR_FILES.items()}}
 
 
 def run_case(case: Case) -> str:
@@ -778,6 +1028,18 @@ def _summarize_cases():
                      results_files(valid_metric_files()["results.jsonl"]), extra)
 
 
+def _tensor_file_cases():
+    def case(source: str, damage: Damage) -> Case:
+        return Case(target=f"tensor:{source}", files=((TENSOR_FILES[source][1](), damage),))
+
+    return st.sampled_from(sorted(TENSOR_FILES)).flatmap(lambda source: byte_damages(source).map(
+        lambda damage: case(source, damage)))
+
+
+def _path_cases():
+    return path_cases()
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -798,6 +1060,10 @@ TARGETS = [
     Target("matrix", "accuracy_matrix.csv (read_matrix / rebuild from results.jsonl, as on resume)",
            _matrix_cases, 100),
     Target("summarize", "--summarize on a random or damaged results.jsonl", _summarize_cases, 80),
+    Target("tensors", "damaged checkpoints, feature-cache entries, IMO adapters and OGD bases, read as mtil reads "
+                      "them: refused, or read back exactly as written", _tensor_file_cases, 100),
+    Target("paths", "every path flag of mtil.main given a name over 255 bytes, a path over PATH_MAX, a folder, a "
+                    "file's child, random or zeroed or damaged bytes", _path_cases, 100),
 ]
 TARGETS_BY_NAME = {t.name: t for t in TARGETS}
 

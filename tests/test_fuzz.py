@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mtil.engine.checkpoint import load_resumable
 from mtil.errors import UserError
@@ -69,6 +70,10 @@ BROKEN = {
                "mtil.evaluation.matrix.pd.read_csv", OverflowError("injected")),
     "summarize": (Case(argv=("--summarize", fz.CASE_DIR), files=(("results.jsonl", VALID_RESULTS),), deep=True),
                   "mtil.evaluation.matrix.matrix_from_results", IndexError("injected")),
+    "tensors": (Case(target="tensor:imo-adapter", files=(("imo.pt", Damage("none", source="imo-adapter")),)),
+                "mtil.tensor_files._small_records_damage", KeyError("injected")),
+    "paths": (Case(argv=(*fz.TRAIN_BASE, "--save", f"{fz.CASE_DIR}/run"), deep=True),
+              "mtil.engine.checkpoint._absolute", KeyError("injected")),
 }
 
 
@@ -82,6 +87,32 @@ def test_each_target_fails_on_an_uncaught_exception(name):
     assert run_case(case) == VALID  # the harness accepts a good input ...
     with mock.patch(where, side_effect=exception), pytest.raises(type(exception), match="injected"):
         run_case(case)  # ... and lets an unhandled exception through
+
+
+@pytest.mark.parametrize("source", sorted(fz.TENSOR_FILES))
+def test_bytes_changed_inside_a_tensor_record_are_always_refused(source):
+    """The property the checksums exist for: whatever tensor record and bytes an in-place overwrite hits (the zip
+    stays valid and torch.load reads it), mtil refuses the file; an intact copy reads back as written."""
+    @settings(FUZZ, max_examples=25)
+    @given(which=st.integers(0, 1000), at=st.integers(0, 2**31), noise=st.binary(min_size=1, max_size=32))
+    def property_(which: int, at: int, noise: bytes) -> None:
+        name = fz.TENSOR_FILES[source][1]()
+        case = Case(target=f"tensor:{source}", files=((name, Damage("storage", (which, at, noise), source)),))
+        assert run_case(case) == ERROR
+
+    assert run_case(Case(target=f"tensor:{source}", files=((fz.TENSOR_FILES[source][1](),
+                                                            Damage("none", source=source)),))) == VALID
+    property_()
+
+
+def test_a_damaged_tensor_file_read_as_intact_fails_the_target():
+    """The tensor-file readers compare what they read with what was written: damage used silently is a crash."""
+    case = Case(target="tensor:ogd-basis", files=(("grad_ToyShape.pth", Damage("storage", (0, 5, b"\x01"),
+                                                                                 "ogd-basis")),))
+    with mock.patch("mtil.tensor_files._recorded_checksums", return_value=None), \
+            mock.patch("mtil.tensor_files.archive_damage", return_value=None), \
+            pytest.raises(AssertionError, match="read as intact"):
+        run_case(case)
 
 
 def test_an_unclean_exit_fails():
@@ -269,7 +300,7 @@ def test_regression_a_zip_with_an_undecodable_name_is_not_torchscript(tmp_path, 
     path.write_bytes(buffer.getvalue().replace(b"\xc3\xa9", b"\xc3\x28"))  # UnicodeDecodeError in namelist()
     assert not is_torchscript_archive(path)
     _one_line_error(capsys, ["--eval-only", "--device", "cpu", "--load", str(path), "--eval-datasets", "ToyShape"],
-                    "cannot read")
+                    "weights.pth is damaged: its zip records cannot be read")
 
 
 def test_the_fuzzed_files_are_what_mtil_writes():
