@@ -159,7 +159,11 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> Any:
     :class:`DamagedFile` naming ``what``, the path and what is wrong when it is not intact. Returns the payload
     without its checksums."""
     path = Path(path)
-    if not zipfile.is_zipfile(path):
+    try:
+        complete = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # is_zipfile lets some damage through as these
+        raise DamagedFile(f"{what} {path} is damaged: its zip directory cannot be read ({exc})") from None
+    if not complete:
         raise DamagedFile(f"{what} {path} is damaged: not a complete zip archive (truncated, zeroed or not written "
                           f"by torch.save)")
     damage = _small_records_damage(path)

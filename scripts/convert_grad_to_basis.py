@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtil.errors import UserError  # noqa: E402
+from mtil.tensor_files import read_tensor_file  # noqa: E402
 from mtil.methods.ogd import (  # noqa: E402
     BASIS_FORMAT,
     RAW_FORMAT,
@@ -31,10 +32,7 @@ from mtil.methods.ogd import (  # noqa: E402
 
 
 def read_gradients(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:100]})") from None
+    payload = read_tensor_file(path, "gradient file")  # verified against its checksums when mtil wrote it
     tasks: list[str] = []
     if isinstance(payload, dict) and payload.get("format") == RAW_FORMAT:
         tasks = [str(payload.get("task"))]

@@ -51,3 +51,16 @@ def test_bench_train_training_free_method_is_reported_not_timed():
         sys.path.remove(str(BENCH_TRAIN.parent))
     with pytest.raises(bench_train.TrainingFree, match="training-free"):
         bench_train.prepare("tip-adapter", "tiny-vit", "whole", 2, "cpu", 4, 2, [])
+
+
+def test_bench_integrity_reads_its_checkpoint_both_ways_and_writes_its_csv(tmp_path):
+    """The verification benchmark runs end to end on a tiny model: both reads in its table, three CSV rows."""
+    csv_path = tmp_path / "integrity.csv"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_integrity.py"), "--model", "micro-vit",
+                           "--rounds", "1", "--folder", str(tmp_path), "--csv", str(csv_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| torch.load(weights_only=True), unverified |" in done.stdout
+    assert "| mtil load_checkpoint, verified |" in done.stdout
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("date,commit,machine,command") and len(rows) == 4

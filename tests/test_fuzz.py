@@ -241,7 +241,8 @@ def _checkpoint(tmp_path: Path, *edits) -> Path:
 
 @pytest.mark.parametrize(("edits", "fragment"), [
     ([("delete", ("arch", "embed_dim"), None)], "recorded architecture does not match"),  # TypeError
-    ([("set", ("arch",), 5)], "recorded architecture does not match"),  # TypeError: 'int' is not iterable
+    ([("set", ("arch",), 5)], "recorded architecture is int"),  # TypeError: 'int' is not iterable
+    ([("set", ("arch",), None)], "recorded architecture is NoneType"),  # Architecture.from_dict(None) in prepare
     ([("set", ("arch", "vision_width"), ("tensor", "big"))], "recorded architecture"),  # bool(tensor)
     ([("set", ("arch", "vision_patch_size"), "G")], "recorded architecture"),  # torch.empty(size=str)
     ([("set", ("arch", "vocab_size"), 1 << 40)], "vocab_size 1099511627776"),  # a giant embedding
@@ -309,3 +310,13 @@ def test_the_fuzzed_files_are_what_mtil_writes():
     assert [json.loads(line)["after_task"] for line in files["results.jsonl"].splitlines()] == [0, 0, 1, 1, 2, 2]
     payload = fz.base_payload()
     assert payload["format"] == "mtil-checkpoint" and {"optimizer", "scheduler", "rng"} <= set(payload)
+
+
+def test_regression_a_zip_end_record_that_makes_is_zipfile_raise_is_damage():
+    """zipfile.is_zipfile let BadZipFile ("zipfiles that span multiple disks are not supported") through for this
+    damaged OGD basis: a traceback instead of one line."""
+    damage = Damage("bytes", (("write", 2147483648, b"\x9e\xb6&\xd5"), ("append", 0, b"\xd2P"),
+                              ("append", 0, b"\x9djgj\xf0u\xafyS\xc7"), ("append", 0, b"H\xde"),
+                              ("append", 0, b"\xe3>\x18"), ("flip", 289, 3), ("write", 1543985, b"\xdf9"),
+                              ("write", 164852, b"g\xd3")), "ogd-basis")
+    assert run_case(Case(target="tensor:ogd-basis", files=(("grad_ToyShape.pth", damage),))) == ERROR

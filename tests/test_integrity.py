@@ -111,3 +111,15 @@ def test_a_damaged_ogd_basis_and_imo_adapter_are_one_line(tmp_path):
     overwrite_in_place(adapter, nbytes=4)
     with pytest.raises(UserError, match=f"IMO adapter file {adapter} is damaged"):
         read_imo_file(adapter)
+
+
+def test_an_imo_adapter_that_is_not_finite_is_refused(tmp_path):
+    model = load_clip("micro-vit", seed=0).model
+    add_imo_adapters(model)
+    path = save_imo_adapters(model, tmp_path / "imo.pt")
+    payload = load_tensors(path)
+    first = sorted(payload["tensors"])[0]
+    payload["tensors"][first][..., 0] = float("nan")
+    save_tensors(payload, path)  # an intact file holding a NaN
+    with pytest.raises(UserError, match=f"cannot use IMO adapter file {path}: weight {first} is not finite"):
+        read_imo_file(path)

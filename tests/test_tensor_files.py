@@ -115,3 +115,4 @@ def test_archive_check_reports_each_failure(tmp_path):
     raw[local + 14:local + 18] = raw[central + 16:central + 20] = bytes(4)
     unchecked.write_bytes(bytes(raw))
     assert check_archive(unchecked).damage is None and not check_archive(unchecked).checked
+

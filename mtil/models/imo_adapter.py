@@ -44,6 +44,7 @@ from clip.model import ResidualAttentionBlock, VisionTransformer
 
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
+from mtil.finite import first_nonfinite
 from mtil.tensor_files import DamagedFile, read_tensor_file, save_tensors
 
 ADAPTER_ATTR = "imo_adapter"
@@ -233,6 +234,9 @@ def read_imo_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not isinstance(tensors, Mapping) or not isinstance(meta, Mapping) or \
             not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UserError(f"IMO adapter file {path} is damaged: its 'tensors' or 'meta' entry is not what was written")
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise UserError(f"cannot use IMO adapter file {path}: weight {bad} (train it again, with a lower --lr)")
     return dict(tensors), dict(meta)
 
 
