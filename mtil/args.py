@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--beta2", type=half_open_unit, default=0.999, help="AdamW beta2, in [0, 1).")
     add_flag(g, "--ls", type=label_smoothing, default=0.0, help="Label smoothing of the cross-entropy.")
     add_flag(g, "--warmup-length", type=non_negative_int, default=100,
-             help="Linear warm-up steps, then cosine decay to 0.")
+             help="Linear warm-up steps, then cosine decay to 0. Left at its default, a task's warm-up is cut to a "
+                  "tenth of its steps (with a note), so a short task reaches --lr; a value you give is kept.")
     add_flag(g, "--lr-multipliers", role="shapes_optimizer", type=lr_multipliers, default={}, metavar="PART=X,...",
              help="Per-part learning-rate factors, parts image (visual.*), text (the rest of CLIP) and head (a "
                   "linear head), e.g. 'text=0.1,head=10'; unnamed parts keep factor 1.")

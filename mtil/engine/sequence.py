@@ -31,10 +31,10 @@ from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve
 from mtil.engine.preemption import Preempted, StopFlag
 from mtil.engine.run import TASK_SETTINGS, Run, TaskContext, TaskSettings
 from mtil.engine.run_log import open_log, say as _say
-from mtil.engine.schedule import warmup_cosine
+from mtil.engine.schedule import fair_warmup, warmup_cosine
 from mtil.engine.state import TrainingState
 from mtil.engine.task_report import applied_settings, settings_lines
-from mtil.engine.tasks import has_length, resolve_tasks, steps_for, task_settings
+from mtil.engine.tasks import has_length, resolve_tasks, steps_for, task_settings, warmup_chosen
 from mtil.errors import UserError
 from mtil.evaluation import fewshot_report
 from mtil.evaluation.metrics_io import safe_name
@@ -343,9 +343,25 @@ class SequenceRunner:
             raise UserError(f"--train-mode {config.train_mode} with --freeze {config.freeze} leaves nothing to train")
         task.optimizer = self.method.optimizer(run, task, groups) or \
             build_optimizer(config.optimizer, groups, settings, config.momentum)
-        task.scheduler = warmup_cosine(task.optimizer, settings.warmup_length, task.total_steps)
+        task.scheduler = warmup_cosine(task.optimizer, self._warmup(run, index, task), task.total_steps)
         task.scaler = grad_scaler(run.precision, run.device)
         return task
+
+    def _warmup(self, run: Run, index: int, task: TaskContext) -> int:
+        """The task's warm-up: as stated, or the default cut to a tenth of the task (said in a note). A task resumed
+        mid-way keeps the warm-up it began with (one begun by an mtil before this rule, the flag's value)."""
+        state, stated = run.state, task.settings.warmup_length
+        if state.step > 0:
+            return stated if state.warmup < 0 else state.warmup
+        warmup = stated
+        if not warmup_chosen(self.config, self.specs[index]):
+            warmup = fair_warmup(stated, task.total_steps)
+            if warmup < stated:
+                _say(run.log, f"mtil: note: {task.name}: the default warm-up of {stated} steps is longer than a "
+                              f"tenth of the task's {task.total_steps} steps; {warmup} instead, so the lr reaches "
+                              f"--lr (give --warmup-length N to choose)")
+        state.warmup = warmup
+        return warmup
 
     def _text_changes(self) -> bool:
         return trains_text(self.config.train_mode) or self.method.trains_logit_scale

@@ -23,6 +23,7 @@ class TrainingState:
     task_evaluated: bool = True  # the last completed task's matrix row is written
     base: dict = field(default_factory=dict)  # how to rebuild the zero-shot weights (see resume.base_spec)
     nonfinite_skipped: int = 0  # steps the numerical guard skipped (--skip-nonfinite), over the whole run
+    warmup: int = -1  # warm-up steps of the task in progress (-1: not decided yet, or a checkpoint of an older mtil)
 
     @property
     def task_index(self) -> int:

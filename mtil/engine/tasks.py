@@ -85,6 +85,12 @@ def _beaten(spec: TaskSpec, key: str, typed: set[str]) -> bool:
     return key in typed or (key in ("iterations", "epochs") and bool(typed & {"iterations", "epochs"}))
 
 
+def warmup_chosen(config: argparse.Namespace, spec: TaskSpec) -> bool:
+    """Whether the task's warm-up was stated (typed, in --config, in a sequence file or a named order) rather than
+    left at the flag's default."""
+    return "warmup_length" in typed_settings(config) or "warmup_length" in spec.overrides
+
+
 def task_settings(config: argparse.Namespace, spec: TaskSpec) -> TaskSettings:
     """The rule, most specific statement of the user first: a task's entry in the user's own ``--sequence``
     file; then a flag typed on the command line (or set in ``--config``); then a named order's per-task value
