@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -168,19 +169,19 @@ def train(args: argparse.Namespace) -> int:
     """Train the task sequence (resuming from ``--save`` when it holds this run); exit 3 when preempted."""
     from mtil import registry
     from mtil.distributed import cleanup_distributed, launched_world_size, resolve_distributed
-    from mtil.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_on_signals
+    from mtil.engine.preemption import INTERRUPT_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_on_signals
     from mtil.engine.sequence import SequenceRunner
 
     env = resolve_distributed(args.device) if launched_world_size() > 1 else None  # torchrun / srun
     runner = SequenceRunner(args, registry.build_components(args), flags_with_role(args, "path"), env=env)
-    with stop_on_signals(runner.stop):
+    with stop_on_signals(runner.stop, interrupt=bool(args.save)):  # without --save, Ctrl-C has nothing to save
         try:
             runner.run()
             runner.parallel.barrier()  # no rank leaves the process group while another still uses it
         except Preempted as exc:
             if runner.parallel.is_main:
                 print(f"mtil: {exc}; latest checkpoint saved in {args.save}; re-run the same command to resume")
-            return PREEMPTED_EXIT_CODE
+            return INTERRUPT_EXIT_CODE if runner.stop.signum == signal.SIGINT else PREEMPTED_EXIT_CODE
         finally:
             cleanup_distributed()
     return 0

@@ -244,9 +244,11 @@ def test_linear_head_modes_resume_exactly(mode, tmp_path, monkeypatch):
                                   mx.read_matrix(tmp_path / "straight" / "accuracy_matrix.csv"), check_exact=True)
 
 
-def test_sigusr1_saves_exits_3_and_the_rerun_matches(tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGUSR1, 3), (signal.SIGINT, 130)])
+def test_sigusr1_or_ctrl_c_saves_and_the_rerun_matches(signum, code, tmp_path):
     """The real preemption path in a subprocess: SIGUSR1 -> checkpoint at the next step -> exit 3; re-running
-    the same command resumes and ends as an uninterrupted (in-process) run of that command."""
+    the same command resumes and ends as an uninterrupted (in-process) run of that command. Ctrl-C (SIGINT) saves
+    the same way (issue 25: before, it saved nothing and the re-run restarted the task at step 0), exit 130."""
     argv = ["--model", "micro-vit", "--train-dataset", "ToyShape", "--iterations", "60", "--batch-size", "4",
             "--lr", "1e-3", "--warmup-length", "2", "--eval-datasets", "ToyShape", "--max-evaluation-size", "8",
             "--workers", "0", "--device", "cpu", "--checkpoint-interval", "0"]
@@ -265,14 +267,14 @@ def test_sigusr1_saves_exits_3_and_the_rerun_matches(tmp_path):
             assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.stdout.read()}"
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 3, out
-    assert "SIGUSR1" in out
+    assert proc.returncode == code, out
+    assert signal.Signals(signum).name in out
     latest = load(save / "latest.pth")
     assert 0 < latest["state"]["step"] < 60, latest["state"]
     assert latest["state"]["completed"] == [] and "optimizer" in latest
@@ -368,3 +370,18 @@ def test_a_signal_during_start_up_is_a_stop_request_not_death(tmp_path, signum):
         outputs.append(out)
     assert f"stopped by {signal.Signals(signum).name} at ToyShape step 1" in outputs[0]
     assert load(save / "latest.pth")["state"]["step"] == 1
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    """The first Ctrl-C only asks for a save at the next step; a second one does not wait for it."""
+    from mtil.engine.preemption import StopFlag, stop_on_signals
+
+    flag = StopFlag()
+    with stop_on_signals(flag, interrupt=True):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of this thread
+        assert flag.requested and flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 PREEMPTED_EXIT_CODE = 3  # "checkpoint saved; re-run the same command to resume" (train.sh requeues on it)
 
@@ -49,16 +50,36 @@ def release_early_handlers() -> None:
         os.kill(os.getpid(), EARLY.signum)
 
 
+INTERRUPT_EXIT_CODE = 130  # a Ctrl-C, saved or not (the shell's convention for SIGINT)
+
+
+def interrupt_handler(flag: StopFlag) -> Callable[[int, Any], None]:
+    """Ctrl-C (SIGINT) saves as SIGTERM does: the first asks the loop to save at the next step boundary and stop;
+    a second one, or one after another stop request, quits at once (KeyboardInterrupt; atomic writes leave no
+    half-written file)."""
+    def handle(signum: int, frame) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.request(signum)
+        print("mtil: Ctrl-C: saving at the next step, then stopping (Ctrl-C again to quit at once, without saving)",
+              file=sys.stderr, flush=True)
+
+    return handle
+
+
 @contextmanager
-def stop_on_signals(flag: StopFlag, signals=STOP_SIGNALS) -> Iterator[StopFlag]:
+def stop_on_signals(flag: StopFlag, signals=STOP_SIGNALS, interrupt: bool = False) -> Iterator[StopFlag]:
     """Install handlers that only set ``flag`` (the loop saves at a step boundary, never mid-update); a signal
-    caught during start-up counts as a request."""
+    caught during start-up counts as a request. ``interrupt``: Ctrl-C too (:func:`interrupt_handler`)."""
     if EARLY.requested and not flag.requested:
         flag.request(EARLY.signum)
+    handlers = {sig: flag.request for sig in signals}
+    if interrupt:
+        handlers[signal.SIGINT] = interrupt_handler(flag)
     previous = {}
-    for sig in signals:
+    for sig, handler in handlers.items():
         try:
-            previous[sig] = signal.signal(sig, flag.request)
+            previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside some test runners): no handler
             pass
     try:
