@@ -66,6 +66,11 @@ class Method:
         """Add this class's own flags to ``group`` (use :func:`mtil.flags.add_flag`, with the flag's roles)."""
 
     @classmethod
+    def run_label(cls, config: argparse.Namespace) -> str | None:
+        """This class's part of the run's label (``finetune+ema``, ``ZSCL+we+l2``); None: not named in it."""
+        return cls.name
+
+    @classmethod
     def enabled(cls, config: argparse.Namespace) -> bool:
         """Components: whether the flags ask for this component (a method is chosen by ``--method``)."""
         return False
@@ -172,3 +177,9 @@ class Component(Method):
 
     kind = "component"
     order = 50.0
+
+
+def run_label(components: list[Method], config: argparse.Namespace) -> str:
+    """The method and the components that change what it computes, joined by '+': what summary.csv, the tables and
+    the plots call the run (``finetune+ema``, ``ZSCL+we+l2``), so that such runs are told apart."""
+    return "+".join(label for component in components if (label := type(component).run_label(config)))

@@ -24,7 +24,7 @@ from mtil.engine import checks, resume
 from mtil.engine.checkpoint import DERIVED, LATEST, RECORD_VERSION, capture_rng, config_for_checkpoint, \
     remove_orphaned_temporaries, restore_rng, save_checkpoint
 from mtil.engine.loop import train_steps
-from mtil.engine.method import Method, ordered, run_after_task, run_before_task
+from mtil.engine.method import Method, ordered, run_after_task, run_before_task, run_label
 from mtil.engine.numerics import WeightsGuard
 from mtil.engine.optim import build_optimizer, parameter_groups
 from mtil.engine.precision import DTYPES, configure_matmul, grad_scaler, resolve_precision, set_determinism
@@ -103,7 +103,8 @@ class SequenceRunner:
         self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
         self.guard = WeightsGuard()  # build() bounds the saved weights by the model's start
         self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
-        self.records = Records(None, self.config_record, config.method)  # build() gives it the folder
+        self.label = run_label(components, config)  # finetune+ema: what tables and files call this run
+        self.records = Records(None, self.config_record, self.label)  # build() gives it the folder
         self.repairs: Repairs | None = None  # metric files to rebuild on resume (found in prepare)
         self.lock: FolderLock | None = None
 
@@ -185,7 +186,7 @@ class SequenceRunner:
         precision = self.precision
         if self.save_dir is not None:
             self.lock = FolderLock(self.save_dir).acquire()  # one run per folder, until this process ends
-            self.records = Records.for_run(self.save_dir, self.config_record, config.method,
+            self.records = Records.for_run(self.save_dir, self.config_record, self.label,
                                            getattr(config, "report_to", None) or [], self.save_dir.name)
             if self.resumed is not None:
                 self.records.load_state_dict(self.resumed.get("records"))
@@ -232,7 +233,7 @@ class SequenceRunner:
                 component.load_state_dict(self.resumed.get("methods", {}).get(component.name, {}))
         processes = f", {self.parallel.world_size} processes ({self.env.launcher}, {self.env.backend})" \
             if self.parallel.distributed else ""
-        _say(log, f"mtil: {config.method} ({config.train_mode}) on {', '.join(state.sequence)}; model "
+        _say(log, f"mtil: {self.label} ({config.train_mode}) on {', '.join(state.sequence)}; model "
                   f"{prepared.source}; device {device}, precision {precision}, {torch.get_num_threads()} threads"
                   f"{processes}")
         for line in settings_lines(config, self.specs, self.settings, self.method.training_free):
@@ -292,7 +293,7 @@ class SequenceRunner:
             self.records.evaluation(result_record(
                 dataset=name, iteration=state.global_step, after_task=after_task, sequence=state.completed,
                 top1=result.top1, top5=result.top5, images=result.count, classes=result.classes, part=part,
-                head=result.head, method=self.config.method), task)
+                head=result.head, method=self.label), task)
             if protocol is not None and after_task is not None:
                 fewshot_rows += fewshot_report.evaluate_extra(run.evaluator, protocol, name, result,
                                                               with_val=name in state.sequence)

@@ -66,6 +66,10 @@ class LoraAdapters(Component):
     conflicts = {"ogd": "--orthogonal-gradients projects gradients of CLIP's weights, which --lora freezes (only "
                         "fresh per-task adapters train): use one of them"}
     requires = {"lora_shared_split_qkvo": "lora_shared"}
+
+    @classmethod
+    def run_label(cls, config) -> str:
+        return "shared-lora" if getattr(config, "lora_shared", False) else "lora"
     order = 10.0  # inject after the method built its teachers, before L2 / WE / EMA snapshot the adapters
     hook_order = {"after_task": 40.0}  # merge after L2 / WE / EMA produced the adapters, before WiSE blends
 

@@ -76,6 +76,10 @@ class PartLearningRates(Component):
     order = 5.0
 
     @classmethod
+    def run_label(cls, config) -> None:
+        return None  # learning rates, like --lr: a setting of the run, not a method of its own
+
+    @classmethod
     def add_arguments(cls, group) -> None:
         add_flag(group, "--lr-mult-vision", role="shapes_optimizer", type=non_negative_float, default=None, metavar="X",
                  help="--lr multiplier of the image encoder (visual.* except visual.proj / the ResNet attention "

@@ -29,6 +29,10 @@ class WiseMerge(Component):
     supports_distributed = True  # the same blend of the same weights on every rank
     summary = "WiSE-FT merge after each task"
     enable_flag = "--wise-merge"
+
+    @classmethod
+    def run_label(cls, config) -> str:
+        return "wise-merge"
     flag_group = ("WiSE-FT merge", "Blend each task's result with reference weights.")
     train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     order = 50.0
