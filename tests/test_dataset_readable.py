@@ -242,3 +242,21 @@ def test_image_folder_reads_any_pil_mode_as_rgb(tmp_path, mode):
     index = [Path(p).name for p, _ in data.raw("train").samples].index(target.name)
     tensor, label = dataset[index]
     assert tensor.shape == (3, 32, 32) and tensor.isfinite().all() and label == 1
+
+
+def test_a_one_class_dataset_is_refused(tmp_path, capsys):
+    """One class: every prediction is right, so training reported 100 % without a word (issue 25). Now the run is
+    refused in one line before anything is written; two classes are fine."""
+    root = tmp_path / "one"
+    fx.make_image_folder(root, 1, 2)
+    with pytest.raises(UserError, match="has 1 class .*two or more"):
+        check_readable(f"ImageFolder:{root}", tmp_path)
+    from mtil.main import main
+
+    save = tmp_path / "run"
+    assert main(["--model", "micro-vit", "--device", "cpu", "--workers", "0", "--train-dataset",
+                 f"ImageFolder:{root}", "--iterations", "1", "--save", str(save)]) == 2
+    assert "two or more" in capsys.readouterr().err and not save.exists()
+    two = tmp_path / "two"
+    fx.make_image_folder(two, 2, 2)
+    check_readable(f"ImageFolder:{two}", tmp_path)

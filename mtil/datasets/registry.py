@@ -130,6 +130,10 @@ def check_readable(name: str, location: str | Path, download: bool = False,
     """
     data = open_dataset(name, location, download)
     entry = find_entry(name)
+    if len(data.classnames) < 2:  # every prediction would be right: 100 % whatever the model
+        raise UserError(f"{name} has {len(data.classnames)} class{'' if len(data.classnames) == 1 else 'es'} "
+                        f"({', '.join(data.classnames) or 'none'}): classifying needs two or more (with one, every "
+                        f"prediction is right and the accuracy is 100 % whatever the model)")
     for split in splits:
         if split not in data.openers:
             raise MissingSplit(f"{name} has no {split} split (it has {', '.join(data.openers)}); "
