@@ -244,7 +244,8 @@ def format_table(rows: list[dict], order: list[str]) -> str:
     header = f"{'method':<10} {'Transfer':>13} {'Avg':>13} {'Last':>13}   " + " ".join(f"{s:>8}" for s in short)
     lines = [header, "-" * len(header)]
     for r in rows:
-        cells = [f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" for k in ("transfer", "avg", "last")]
+        cells = [f"{r[k]:6.2f} ± {r[k + '_std']:4.2f}" if r["seeds"] > 1 else f"{r[k]:6.2f}"  # one seed: no spread
+                 for k in ("transfer", "avg", "last")]
         if r["method"] == "joint":  # trains only at the end: its "Transfer" is the zero-shot model's
             cells[0] = f"{'(zero-shot)':>13}"
         diagonal = " ".join(f"{r[f'diag_{n}']:8.1f}" for n in order)

@@ -56,6 +56,9 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     assert row["last"] == pytest.approx(71.0) and row["seeds"] == 3
     assert row["matrix"].iloc[0, 0] == pytest.approx(1.0)  # the mean matrix
     assert "±" in demo.format_table([row], ORDER)
+    one = demo.aggregate(jobs[:1], ORDER)[0]  # one seed has no spread: the table shows no "± 0.00" (issue 25)
+    assert one["seeds"] == 1 and "±" not in demo.format_table([one], ORDER)
+    assert " 30.00 " in demo.format_table([one], ORDER)
 
 
 def _row(method, transfer, last, std=0.5, diag=90.0):

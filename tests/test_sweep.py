@@ -274,3 +274,12 @@ def test_the_shipped_adapter_comparison_grid_plans_every_point(tmp_path, capsys)
                   "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "99 points" in out and out.count("--method tip-x ") == 18 and out.count("--imo-adapter") == 27
+
+
+def test_a_one_seed_row_shows_no_spread():
+    from mtil.sweep.tables import markdown
+
+    rows = [{"lr": 0.5, "dataset": "Toy", "test": 51.5, "test_std": 0.0, "n": 1},
+            {"lr": 0.1, "dataset": "Toy", "test": 50.0, "test_std": 0.71, "n": 2}]
+    table = markdown(rows, ["lr"])
+    assert "| 0.5 | Toy | 51.50 | 1 |" in table and "| 0.1 | Toy | 50.00 ± 0.71 | 2 |" in table

@@ -113,7 +113,8 @@ def markdown(rows: list[dict[str, Any]], keys: list[str]) -> str:
              "|" + " --- |" * (len(keys) + len(measures) + 2)]
     for row in rows:
         cells = [str(row.get(k, "")) for k in [*keys, "dataset"]]
-        cells += [f"{row[m]:.2f} ± {row[m + '_std']:.2f}" if m in row else "" for m in measures]
+        cells += [("" if m not in row else f"{row[m]:.2f} ± {row[m + '_std']:.2f}" if row["n"] > 1 else
+                   f"{row[m]:.2f}") for m in measures]  # one seed has no spread: no "± 0.00"
         lines.append("| " + " | ".join(cells + [str(row["n"])]) + " |")
     return "\n".join(lines)
 
