@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "zero-shot one with a baseline-vs-final chart, under <save>/reports/<Dataset>/.")
     add_flag(g, "--max-evaluation-size", type=positive_int, default=None,
              help="Evaluate on a seeded, class-balanced sample of at most this many test images.")
+    add_flag(g, "--eval-sample-seed", type=seed_int, default=None, metavar="S",
+             help="Seed of --max-evaluation-size's sample (default: --seed). --seeds gives every run the first "
+                  "seed's sample, so the spread over seeds is the training's, not the sample's.")
     add_flag(g, "--save", role="operational", default=None, metavar="DIR", path=True,
              help="Directory for checkpoints (<Dataset>.pth, latest.pth), metric files (metrics_<Dataset>.csv, "
                   "results.jsonl, accuracy_matrix.csv, summary.csv) and config.yaml. Re-running a command resumes "
@@ -293,6 +296,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def evaluation_sample_seed(args: argparse.Namespace) -> int:
+    """The seed of the evaluation sample: --eval-sample-seed, else --seed."""
+    return args.seed if getattr(args, "eval_sample_seed", None) is None else args.eval_sample_seed
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings of a parsed namespace, without its bookkeeping entries (names starting with '_')."""
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
@@ -378,6 +386,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if not (args.train_dataset or args.sequence) and not args.summarize:
             inert(training_flags, "no --train-dataset or --sequence: nothing to train (give the tasks, e.g. "
                                   "--train-dataset DTD or MTIL-I, or --eval-only to evaluate)")
+    if args.max_evaluation_size is None:
+        inert(["eval_sample_seed"], "--eval-sample-seed seeds the sample of --max-evaluation-size, which is not given")
     if not is_template(args.prompt):
         raise UserError(f"--prompt must contain '{{}}' exactly once (where the class name goes) and no other "
                         f"braces, got {args.prompt!r}")

@@ -7,7 +7,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from mtil.args import settings_of
+from mtil.args import evaluation_sample_seed, settings_of
 from mtil.datasets.registry import check_readable
 from mtil.datasets.toyworld import BUILTIN_ORDER
 from mtil.engine.checkpoint import config_for_checkpoint
@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     evaluator = ZeroShotEvaluator(loaded.model, data_location=args.data_location, download=args.download,
                                   batch_size=args.batch_size_eval, workers=args.workers,
-                                  max_size=args.max_evaluation_size, seed=args.seed,
+                                  max_size=args.max_evaluation_size, seed=evaluation_sample_seed(args),
                                   autocast_dtype=None if args.precision == "auto" else DTYPES[precision])
     evaluator.learned_heads = heads
     print(f"Evaluation of {loaded.source} on {config['device']}"

@@ -210,7 +210,8 @@ class SequenceRunner:
         self.parallel.barrier()  # rank 0 removed the orphans before another rank could read the folder
         evaluator = ZeroShotEvaluator(prepared.model, data_location=config.data_location, download=config.download,
                                       batch_size=config.batch_size_eval, workers=config.workers,
-                                      max_size=config.max_evaluation_size, seed=config.seed,
+                                      max_size=config.max_evaluation_size,
+                                      seed=config.seed if config.eval_sample_seed is None else config.eval_sample_seed,
                                       autocast_dtype=DTYPES[precision])
         evaluator.fewshot = protocol_of(config)
         evaluator.parallel = self.parallel

@@ -21,8 +21,10 @@ from mtil.sweep.runner import Runner
 
 def run_seeds(args: argparse.Namespace) -> int:
     """Run every seed of ``args.seeds`` (checked first, nothing written before), then write the tables."""
-    base = BaseCommand([sys.executable, "-m", "mtil.main"], without_flags(list(args._argv), ("--seeds", "--save")),
-                       True)
+    argv = without_flags(list(args._argv), ("--seeds", "--save"))
+    if args.max_evaluation_size is not None and args.eval_sample_seed is None:  # one sample for every seed
+        argv += ["--eval-sample-seed", str(args.seeds[0])]
+    base = BaseCommand([sys.executable, "-m", "mtil.main"], argv, True)
     planner = Planner(base, [], seeds=True)
     save = Path(args.save)
     commands = [planner.command(Point({}, seed), save / f"seed{seed}") for seed in args.seeds]
