@@ -19,6 +19,8 @@ them with :func:`flags_with_role` or receives that mapping from its caller.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import math
 from typing import Any, Iterable, Mapping
 
@@ -27,11 +29,46 @@ from mtil.errors import UserError
 ROLES = ("operational", "shapes_optimizer", "model", "dataset", "path")
 
 
+def close_matches(word: str, candidates: Iterable[str], limit: int = 3) -> list[str]:
+    """The candidates closest to ``word`` (a typo, another case, ``_`` for ``-``), best first."""
+    by_key: dict[str, str] = {}
+    for candidate in candidates:
+        by_key.setdefault(candidate.lower().replace("_", "-"), candidate)
+    key = word.lower().replace("_", "-")
+    if key in by_key:
+        return [by_key[key]]
+    return [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=limit, cutoff=0.6)]
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest candidates, or ``""``."""
+    matches = close_matches(word, candidates)
+    return f" (did you mean {' or '.join(matches)}?)" if matches else ""
+
+
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<tokens>.*)$")
+_INVALID_CHOICE = re.compile(r"^argument (?P<flag>\S+): invalid choice: '(?P<value>[^']*)' \(choose from (?P<choices>.*)\)$")
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (``mtil: error: ...``) with exit code 2."""
+    """argparse that reports errors as one line (``mtil: error: ...``) with exit code 2, with the flag or value
+    the user probably meant."""
 
     def error(self, message: str):  # noqa: D102 - argparse API
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{message}{self._suggestion(message)} (see --help)")
+
+    def _suggestion(self, message: str) -> str:
+        unrecognized = _UNRECOGNIZED.match(message)
+        if unrecognized:
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = [f"{token.split('=')[0]} -> {' or '.join(matches)}"
+                     for token in unrecognized["tokens"].split() if token.startswith("-")
+                     if (matches := close_matches(token.split("=")[0], flags))]
+            return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        invalid = _INVALID_CHOICE.match(message)
+        if invalid:
+            return did_you_mean(invalid["value"], re.findall(r"'([^']*)'", invalid["choices"]))
+        return ""
 
 
 def _spellings(flag: str) -> list[str]:

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from mtil.engine.method import Method
 from mtil.errors import UserError
+from mtil.flags import did_you_mean
 
 PLUGINS_ENV = "MTIL_PLUGINS"
 
@@ -123,7 +124,8 @@ def method_class(name: str) -> type[Method]:
     methods = registered("method")
     if name not in methods:
         failed = "; ".join(f"{m} failed to import ({e})" for m, e in import_failures().items())
-        raise UserError(f"unknown --method {name!r}; accepted: {', '.join(method_names())}"
+        raise UserError(f"unknown --method {name!r}{did_you_mean(name, method_names())}; accepted: "
+                        f"{', '.join(method_names())}"
                         + (f" (also: {failed})" if failed else ""))
     return methods[name]
 

@@ -14,6 +14,7 @@ from PIL import Image
 from mtil.datasets.base import MissingSplit, TaskData, reading_split, split_of
 from mtil.datasets.tolerant import TolerantDataset, file_of
 from mtil.errors import UserError
+from mtil.flags import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def find_entry(name: str) -> DatasetEntry:
             f"ImageFolder:PATH (with PATH/classnames.txt for readable class names, one per line in sorted folder "
             f"order; add PATH/train/<class>/ only to train on it)"
         )
-    lowered = {n.lower(): n for n in REGISTRY}
-    hint = f" (did you mean {lowered[name.lower()]}?)" if name.lower() in lowered else ""
+    hint = did_you_mean(name, dataset_names())
     raise UserError(
         f"unknown dataset {name!r}{hint}; valid names: {', '.join(dataset_names())}, "
         f"ImageNetClasses:N, ImageNetSubset:N, ImageFolder:PATH, or CSV:PATH"

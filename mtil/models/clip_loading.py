@@ -18,6 +18,7 @@ from clip.model import CLIP
 
 from mtil.hardware import resolve_device  # noqa: F401 - re-exported: callers load a model on a device
 from mtil.errors import UserError
+from mtil.flags import did_you_mean
 from mtil.finite import first_nonfinite
 from mtil.models import toyclip
 from mtil.models.torchscript_weights import NotTorchScript, is_torchscript_archive, read_torchscript_tensors
@@ -265,6 +266,7 @@ def load_clip(
         arch = weights_architecture(state_dict, checkpoint.get("arch"), f"--model {name}")
         loaded = LoadedModel(model_from_state_dict(state_dict, arch), arch, f"file {name}", checkpoint)
     else:
-        raise UserError(f"unknown --model {name!r}; valid names: {', '.join(model_names())}, or a path to a weights file")
+        raise UserError(f"unknown --model {name!r}{did_you_mean(name, model_names())}; valid names: "
+                        f"{', '.join(model_names())}, or a path to a weights file")
     loaded.model.to(device)
     return loaded
