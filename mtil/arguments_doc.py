@@ -49,7 +49,16 @@ def arguments_markdown() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """ARGUMENTS.md on stdout; ``--spec`` writes mtil/assets/cli_spec.json instead (mtil.cli_spec)."""
+    import sys
+
+    if "--spec" in (sys.argv[1:] if argv is None else argv):
+        from mtil.cli_spec import SPEC_FILE, write_spec
+
+        write_spec(build_parser())
+        print(f"wrote {SPEC_FILE}")
+        return
     print(arguments_markdown(), end="")
 
 

@@ -12,13 +12,20 @@ import argparse
 import sys
 from typing import Sequence
 
-from mtil.args import parse_args
+from mtil.cli_spec import quick_answer
 from mtil.errors import UserError, no_space_cause, no_space_error, path_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback. No arguments, --help and
+    a flag that does not exist are answered before the model code is imported (mtil.cli_spec)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick = quick_answer(argv)
+    if quick is not None:
+        return quick
     try:
+        from mtil.args import parse_args  # imports every method, hence torch: seconds
+
         args = parse_args(argv)
         return run(args)
     except UserError as exc:  # a file name or value with a line break in it stays on the one line
