@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtil"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("mtil", "mtil.errors", "mtil.atomic", "mtil.flags", "mtil.yaml_files", "mtil.templates",
                 "mtil.seeding", "mtil.hardware", "mtil.distributed", "mtil.parallel", "mtil.folder_lock",
-                "mtil.archive_check", "mtil.tensor_files", "mtil.finite")),
+                "mtil.archive_check", "mtil.tensor_files", "mtil.finite", "mtil.cli_spec")),
     ("datasets and models", ("mtil.datasets", "mtil.models")),
     ("evaluation, adapters and records", ("mtil.evaluation", "mtil.adapters", "mtil.records")),
     ("engine", ("mtil.engine",)),
     ("methods", ("mtil.methods", "mtil.registry")),
     ("command line", ("mtil.args", "mtil.arguments_doc", "mtil.jobs", "mtil.sweep", "mtil.main", "mtil.demo",
-                      "mtil.imo", "mtil.benchmark_checks")),
+                      "mtil.imo", "mtil.benchmark_checks", "mtil.data")),
 ]
 
 
