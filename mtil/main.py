@@ -14,12 +14,18 @@ from typing import Sequence
 
 from mtil.cli_spec import quick_answer
 from mtil.errors import UserError, no_space_cause, no_space_error, path_error
+from mtil.seed_flags import translate_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback. No arguments, --help and
     a flag that does not exist are answered before the model code is imported (mtil.cli_spec)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = translate_main(argv)  # the CLIP-AST seeds' spellings and Dassl overrides, in mtil's names
+    except UserError as exc:
+        print(f"mtil: error: {exc}", file=sys.stderr)
+        return 2
     quick = quick_answer(argv)
     if quick is not None:
         return quick

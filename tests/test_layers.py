@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtil"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("mtil", "mtil.errors", "mtil.atomic", "mtil.flags", "mtil.yaml_files", "mtil.templates",
                 "mtil.seeding", "mtil.hardware", "mtil.distributed", "mtil.parallel", "mtil.folder_lock",
-                "mtil.archive_check", "mtil.tensor_files", "mtil.finite", "mtil.cli_spec")),
+                "mtil.archive_check", "mtil.tensor_files", "mtil.finite", "mtil.cli_spec",
+                "mtil.seed_flags")),
     ("datasets and models", ("mtil.datasets", "mtil.models")),
     ("evaluation, adapters and records", ("mtil.evaluation", "mtil.adapters", "mtil.records")),
     ("engine", ("mtil.engine",)),

@@ -1,0 +1,139 @@
+"""The original tools' spellings on mtil's command lines: each is read with the meaning its tool advertised, or
+refused in one line naming mtil's flag for it.
+
+CLIP-AST (seeds 000/001, a Dassl trainer) is run as ``python train.py --root ~/data --config-file ... --output-dir
+... --stage1-epochs 1 --stage2-epochs 30 --k 6`` with Dassl's ``KEY VALUE`` overrides at the end
+(``LMBD [1.0, 1.0, 0.5]``, ``DATALOADER.TRAIN_X.BATCH_SIZE 8``). :func:`translate_main` turns such a command line
+into mtil's flags before it is parsed, printing a note for each translation so that the user learns mtil's names.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mtil.errors import UserError
+
+# the seed's flag -> mtil's (same meaning)
+MAIN_ALIASES = {"--root": "--data-location", "--config-file": "--config", "--output-dir": "--save"}
+# the seed's flag -> why it is refused and what to give instead
+MAIN_REFUSED = {
+    "--model-dir": "give --eval-only --load DIR/<Dataset>.pth (mtil's checkpoint of the task)",
+    "--load-epoch": "mtil keeps the checkpoint of each task's end: give --eval-only --load DIR/<Dataset>.pth",
+    "--resume": "run the same command again with the same --save: it resumes from the folder's latest checkpoint",
+    "--eval-freq": "mtil counts evaluation intervals in steps: give --eval-interval STEPS (EVAL_FREQ epochs x the "
+                   "task's steps per epoch)",
+}
+# Dassl's override keys (CLIP-AST's config) -> mtil's flag
+DASSL_KEYS = {
+    "LMBD": "--lmbd", "K": "--k", "STAGE1_EPOCHS": "--stage1-epochs", "STAGE2_EPOCHS": "--stage2-epochs",
+    "STAGE2_LR": "--stage2-lr", "OPTIM.LR": "--stage2-lr", "RANDOM_SELECTION": "--random-selection",
+    "DATALOADER.TRAIN_X.BATCH_SIZE": "--batch-size", "DATASET.NUM_SHOTS": "--shots", "DATASET.NAME": "--train-dataset",
+    "SEED": "--seed", "OPTIM.WEIGHT_DECAY": "--wd", "DATASET.ROOT": "--data-location",
+}
+DASSL_REFUSED = {
+    "OPTIM.GRAD_ACCUMULATION_STEPS": "mtil has no gradient accumulation: lower --batch-size, or run on several "
+                                     "processes (torchrun) to keep the batch",
+    "EVAL_FREQ": MAIN_REFUSED["--eval-freq"],
+    "OPTIM.MAX_EPOCH": "give --stage2-epochs (CLIP-AST) or --epochs",
+}
+# Dassl's dataset names -> mtil's
+DASSL_DATASETS = {
+    "Caltech101": "Caltech101", "DescribableTextures": "DTD", "EuroSAT": "EuroSAT", "FGVCAircraft": "Aircraft",
+    "Food101": "Food", "OxfordFlowers": "Flowers", "OxfordPets": "OxfordPet", "StanfordCars": "StanfordCars",
+    "SUN397": "SUN397", "ImageNet": "ImageNet",
+}
+_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
+
+
+def _note(text: str) -> None:
+    print(f"mtil: note: {text}", file=sys.stderr)
+
+
+def _dassl_value(tokens: list[str], start: int) -> tuple[list[str], int]:
+    """The value tokens of the override at ``start`` (a ``[a, b, c]`` list spans tokens), and the next index."""
+    first = tokens[start]
+    if not first.startswith("["):
+        return [first], start + 1
+    parts, index = [], start
+    while index < len(tokens):
+        parts.append(tokens[index])
+        index += 1
+        if parts[-1].endswith("]"):
+            break
+    else:
+        raise UserError(f"Dassl override list {' '.join(parts)} has no closing ']'")
+    values = [v for v in re.split(r"[\s,\[\]]+", " ".join(parts)) if v]
+    return values, index
+
+
+def _dataset_flags(path: str) -> list[str]:
+    """A Dassl dataset config (``--dataset-config-file``): its DATASET.NAME and NUM_SHOTS as mtil's flags."""
+    from mtil.yaml_files import read_yaml
+
+    document: Any = read_yaml(Path(path), "--dataset-config-file")
+    dataset = document.get("DATASET") if isinstance(document, dict) else None
+    if not isinstance(dataset, dict) or "NAME" not in dataset:
+        raise UserError(f"--dataset-config-file {path}: no DATASET: NAME: in it (a Dassl dataset configuration)")
+    flags = ["--train-dataset", _dataset_name(str(dataset["NAME"]))]
+    if dataset.get("NUM_SHOTS") not in (None, -1):
+        flags += ["--shots", str(dataset["NUM_SHOTS"])]
+    return flags
+
+
+def _dataset_name(name: str) -> str:
+    return DASSL_DATASETS.get(name, name)
+
+
+def translate_main(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the CLIP-AST seeds' spellings (flags and trailing Dassl overrides) in mtil's terms; a seed
+    flag mtil does without is a UserError naming what to give instead."""
+    out: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        name = token.split("=", 1)[0]
+        if name in MAIN_ALIASES:
+            _note(f"{name} is {MAIN_ALIASES[name]} in mtil")
+            out.append(token.replace(name, MAIN_ALIASES[name], 1))
+            index += 1
+        elif name in MAIN_REFUSED:
+            raise UserError(f"{name} (CLIP-AST's Dassl flag) is not mtil's: {MAIN_REFUSED[name]}")
+        elif name == "--dataset-config-file":
+            value = token.split("=", 1)[1] if "=" in token else (tokens[index + 1] if index + 1 < len(tokens)
+                                                                 else "")
+            if not value:
+                raise UserError("--dataset-config-file needs a file (a Dassl dataset configuration)")
+            flags = _dataset_flags(value)
+            _note(f"--dataset-config-file {value} is {' '.join(flags)} in mtil")
+            out += flags
+            index += 1 if "=" in token else 2
+        elif _is_dassl_key(token):
+            if index + 1 >= len(tokens):
+                raise UserError(f"Dassl override {token} has no value")
+            values, index = _dassl_value(tokens, index + 1)
+            if token in DASSL_REFUSED:
+                raise UserError(f"{token} (a Dassl override) is not mtil's: {DASSL_REFUSED[token]}")
+            if token not in DASSL_KEYS:
+                raise UserError(f"unknown Dassl override {token}; mtil reads {', '.join(sorted(DASSL_KEYS))} (or give "
+                                f"mtil's flags)")
+            flag = DASSL_KEYS[token]
+            if token == "DATASET.NAME":
+                values = [_dataset_name(v) for v in values]
+            if token == "RANDOM_SELECTION":
+                flag = "--random-selection" if values[0].lower() in ("true", "1") else "--no-random-selection"
+                values = []
+            _note(f"{token} {' '.join(values)} is {flag} {' '.join(values)} in mtil".replace("  ", " "))
+            out += [flag, *values]
+        else:
+            out.append(token)
+            index += 1
+    return out
+
+
+def _is_dassl_key(token: str) -> bool:
+    """A Dassl override's key: one mtil knows, or any dotted upper-case key (``OPTIM.X``). No value of mtil's
+    flags looks like either (a bare upper-case word such as a dataset name, SUN397, is left alone)."""
+    return token in DASSL_KEYS or token in DASSL_REFUSED or ("." in token and bool(_KEY.match(token)))
