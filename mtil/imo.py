@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from mtil.errors import UserError, path_error
+from mtil.seed_flags import translate_imo
 from mtil.flags import (_OneLineParser, add_flag, non_negative_float, non_negative_int, open_unit_interval,
                         positive_float, positive_int, seed_int, worker_count, dropout)
 
@@ -96,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mtil.hardware import announce_device
 
     try:
-        options = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        argv = translate_imo(list(sys.argv[1:] if argv is None else argv))  # the seed's spellings (004)
+        options = build_parser().parse_args(argv)
         settings = imo_train.resolve_settings(vars(options))
         env = resolve_distributed(settings.device)
         announce_device(settings.device, env.device)

@@ -137,3 +137,81 @@ def _is_dassl_key(token: str) -> bool:
     """A Dassl override's key: one mtil knows, or any dotted upper-case key (``OPTIM.X``). No value of mtil's
     flags looks like either (a bare upper-case word such as a dataset name, SUN397, is left alone)."""
     return token in DASSL_KEYS or token in DASSL_REFUSED or ("." in token and bool(_KEY.match(token)))
+
+
+# ---------------------------------------------------------------------------------------------- the IMO seed (004)
+# dino_clip_training.py's flags that mean what an mtil.imo flag means
+IMO_ALIASES = {"--output_dir": "--save", "--warmup_teacher_temp_epochs": "--warmup-teacher-epochs",
+               "--data_root": "--data-location"}
+IMO_SEED_ONLY = {"--output_dir", "--adapter_train", "--distributed", "--freeze_last_layer", "--oi_root",
+                 "--images_path", "--data_root", "--warmup_teacher_temp_epochs"}
+DINO_LR_BATCH = 256  # DINO's rule: the peak learning rate is --lr x (total batch) / 256
+
+
+def _world_size() -> int:
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def translate_imo(argv: Sequence[str]) -> list[str]:
+    """The IMO seed's ``dino_clip_training.py`` command line (004) in ``python -m mtil.imo``'s terms. Its ``--lr``
+    is a base rate that DINO scales by the total batch / 256, mtil's the peak itself: on a command line in the
+    seed's spelling (any of its own flags present) ``--lr`` is read the seed's way, with a note giving the peak."""
+    tokens = list(argv)
+    names = [t.split("=", 1)[0] for t in tokens]
+    if not set(names) & IMO_SEED_ONLY:
+        return tokens
+    out: list[str] = []
+    lr: str | None = None
+    index = 0
+    while index < len(tokens):
+        token, name = tokens[index], names[index]
+        value = token.split("=", 1)[1] if "=" in token else (tokens[index + 1] if index + 1 < len(tokens) else None)
+        step = 1 if "=" in token else 2
+        if name in IMO_ALIASES:
+            _note(f"{name} is {IMO_ALIASES[name]} in mtil.imo")
+            out += [IMO_ALIASES[name]] + ([] if value is None else [value])
+            index += step
+        elif name == "--adapter_train":  # the seed's DINO script trains the adapter: mtil.imo's dino mode
+            if "--mode" not in names:
+                _note("--adapter_train (dino_clip_training.py) is --mode dino in mtil.imo")
+                out += ["--mode", "dino"]
+            index += 1
+        elif name == "--distributed":
+            if _world_size() == 1:
+                raise UserError("--distributed: start the command with torchrun (torchrun --nproc_per_node=N -m "
+                                "mtil.imo ...); mtil.imo trains on every process torchrun starts")
+            index += 1
+        elif name == "--freeze_last_layer":
+            if value not in ("0", "0.0"):
+                raise UserError(f"--freeze_last_layer {value}: mtil.imo never freezes the DINO head's last layer "
+                                f"(the seed's command uses 0)")
+            index += step
+        elif name in ("--oi_root", "--images_path"):
+            raise UserError(f"{name} (the seed's Open Images list) is not mtil.imo's: give the image set as --data "
+                            f"CSV:PATH, a CSV with the columns path,label (docs: models and datasets, the IMO "
+                            f"adapter)")
+        elif name == "--lr":
+            lr = value
+            index += step
+        else:
+            out.append(token)
+            index += 1
+    if lr is not None:
+        batch = next((out[i + 1] for i, t in enumerate(out[:-1]) if t in ("--batch-size", "--batch_size")), None)
+        try:
+            total = int(batch) * _world_size() if batch is not None else None
+            peak = float(lr) * total / DINO_LR_BATCH if total is not None else None
+        except ValueError:
+            peak = None
+        if peak is None:
+            raise UserError(f"--lr {lr} in the seed's spelling is a base rate scaled by the total batch / 256: give "
+                            f"--batch_size too, or mtil's --lr (the peak itself)")
+        _note(f"--lr {lr} is the seed's base rate: x {total} images per step / {DINO_LR_BATCH} = peak --lr "
+              f"{peak:.4g} in mtil.imo")
+        out += ["--lr", f"{peak:.6g}"]
+    return out

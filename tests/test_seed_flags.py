@@ -58,3 +58,47 @@ def test_a_bare_upper_case_value_is_left_alone():
     assert translate_main(["--train-dataset", "SUN397", "--k", "6"]) == ["--train-dataset", "SUN397", "--k", "6"]
     with pytest.raises(UserError, match="Dassl override K has no value"):
         translate_main(["K"])
+
+
+IMO_SEED = ("--output_dir /model-output-dir --data_root /data-dir --epochs 10 --distributed --batch_size 40 "
+            "--momentum_teacher 0.9998 --adapter_train --freeze_last_layer 0 --lr 0.0008 --warmup_epochs 2 "
+            "--warmup_teacher_temp_epochs 3")
+
+
+def test_the_imo_seeds_dino_command_takes_its_meaning(monkeypatch, capsys):
+    """Seed 004's dino_clip_training.py command under torchrun on 3 processes (WORLD_SIZE 3), but for its Open
+    Images list (--oi_root/--images_path: mtil reads --data CSV:PATH): mode dino, the folder, and the seed's --lr
+    read as DINO's base rate, 0.0008 x 40 x 3 / 256 = 3.75e-4, mtil's documented peak for that command."""
+    from mtil.imo import build_parser
+    from mtil.seed_flags import translate_imo
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = translate_imo([*IMO_SEED.split(), "--data", "ToyShape", "--model", "micro-vit"])
+    options = build_parser().parse_args(argv)
+    assert (options.save, options.mode, options.data_location) == ("/model-output-dir", "dino", "/data-dir")
+    assert options.lr == pytest.approx(3.75e-4) and options.warmup_teacher_epochs == 3
+    assert (options.epochs, options.batch_size, options.momentum_teacher) == (10, 40, 0.9998)
+    assert "peak --lr 0.000375" in capsys.readouterr().err
+    assert translate_imo(["--data", "ToyShape", "--lr", "0.0008", "--save", "x"]) == \
+        ["--data", "ToyShape", "--lr", "0.0008", "--save", "x"]  # mtil's own spelling: --lr is the peak
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--oi_root", "/oi", "--images_path", "/ids.csv"], "--data CSV:PATH"),
+    (["--freeze_last_layer", "1"], "never freezes"),
+])
+def test_what_mtil_imo_does_without_is_one_line(extra, fragment, monkeypatch, capsys):
+    from mtil.imo import main as imo_main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert imo_main([*IMO_SEED.split(), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fragment in err[-1] and err[-1].startswith("mtil.imo: error:"), err
+
+
+def test_distributed_outside_torchrun_is_one_line(monkeypatch, capsys):
+    from mtil.imo import main as imo_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert imo_main(IMO_SEED.split()) == 2
+    assert "start the command with torchrun" in capsys.readouterr().err
