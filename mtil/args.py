@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="Training method: " + "; ".join(f"{n}: {methods[n].summary}" for n in registry.method_names())
                   + ".")
     add_flag(g, "--train-mode", role="shapes_optimizer", default="whole", choices=list(TRAIN_MODES),
-             help="Which parts of CLIP train (see README: Train modes).")
+             help="Which parts of CLIP train (docs/methods/finetune.md).")
     add_flag(g, "--train-dataset", role="dataset", default=None,
              help="Comma-separated datasets trained in order, or a named order: MTIL-I, MTIL-II, ToyWorld.")
     add_flag(g, "--sequence", default=None, metavar="YAML", path=True,
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group(
         "Few-shot", "The few-shot protocol of the CoOp lineage on any dataset, and runs over several seeds "
-                    "(README: Few-shot). Reference data (--ref-dataset) is never subsampled.")
+                    "(docs/guides/few-shot.md). Reference data (--ref-dataset) is never subsampled.")
     add_flag(g, "--shots", type=positive_int, default=None, metavar="K",
              help="Train on K images per class of each training dataset, drawn with --fewshot-seed from its "
                   "training split (labels only, balanced); min(K, 4) more per class, disjoint from them, are the "

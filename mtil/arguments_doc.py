@@ -18,7 +18,8 @@ def arguments_markdown() -> str:
         "# Arguments",
         "",
         "Generated from `mtil/args.py`, the method files in `mtil/methods/` and `mtil/sweep/cli.py` by "
-        "`python -m mtil.args > ARGUMENTS.md` (a test fails when this file and the parsers differ).",
+        "`make arguments` (`python -m mtil.arguments_doc > ARGUMENTS.md`; a test fails when this file and the parsers "
+        "differ).",
         "Multi-word flags accept hyphens or underscores (`--eval-only` or `--eval_only`). Every flag of "
         "`python -m mtil.main` can also be set in a `--config` YAML file (`lr: 1.0e-5`); the command line wins.",
         "",

@@ -36,7 +36,7 @@ from mtil.benchmark_checks import check_rows
 from mtil.engine.tasks import NAMED_ORDERS, read_sequence_file
 from mtil.evaluation import matrix as mx
 
-# The sequence's settings, chosen by measurement on this benchmark (README: "The built-in benchmark").
+# The sequence's settings, chosen by measurement on this benchmark (docs/toyworld.md).
 SEQUENCE = ["--model", "toyclip", "--workers", "0", "--device", "cpu"]
 TRAINING = ["--batch-size", "32", "--lr", "7e-4", "--warmup-length", "10", "--wd", "0.1", "--log-every", "50"]
 # The token embedding (49 408 rows, 84 of them the benchmark's words) stays frozen: updating it is a third of a

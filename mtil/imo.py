@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group(
         "IMO adapter training (python -m mtil.imo)",
         "Supervised (a linear head on the set's labels) or self-supervised (DINO self-distillation with an EMA "
-        "teacher, multi-crop); runs under torchrun/srun on several processes (README: The IMO adapter).")
+        "teacher, multi-crop); runs under torchrun/srun on several processes (docs/methods/imo.md).")
     add_flag(g, "--model", default="ViT-B/16",
              help="A ViT CLIP: an OpenAI name (ViT-B/32, ViT-B/16, ViT-L/14, ...), toyclip, tiny-vit, micro-vit, or "
                   "a weights file. A ResNet CLIP is refused.")

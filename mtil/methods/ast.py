@@ -149,7 +149,7 @@ class CLIPAST(Method):
     summary = ("CLIP-AST: stage 1 ranks the tensors of every block by AdamW's second moments, stage 2 trains the "
                "top --k per block with self-consistency to the frozen model")
     flag_group = ("CLIP-AST (--method ast)",
-                  "Adaptive selective fine-tuning (see README: CLIP-AST). Stage 2 is the task's training (its "
+                  "Adaptive selective fine-tuning (docs/methods/ast.md). Stage 2 is the task's training (its "
                   "length --iterations / --epochs, or --stage2-epochs; its lr --lr, or --stage2-lr; mid-task "
                   "evaluation every --eval-interval steps).")
     train_modes = ("whole",)

@@ -108,7 +108,7 @@ class EmbeddingAdapterMethod(Method):
                "with class-masked InfoNCE")
     flag_group = ("Embedding adapter (--method embedding-adapter)",
                   "Residual low-rank maps on CLIP's final normalised embeddings plus a learnable temperature, "
-                  "CLIP frozen (see README: Embedding adapters and baselines on image folders).")
+                  "CLIP frozen (docs/methods/embedding-adapter.md).")
     train_modes = ("whole", "image", "text")
     train_modes_note = ("the train mode picks the adapters (whole: both, image: the image adapter, text: the text "
                         "adapter); CLIP itself never trains, so there is no linear head")

@@ -58,7 +58,7 @@ class LoraAdapters(Component):
     summary = "LoRA adapters trained instead of CLIP's weights"
     enable_flag = "--lora"
     flag_group = ("LoRA", "Low-rank adapters (through peft) trained instead of CLIP's weights and merged into them "
-                          "at each task's end, so every task checkpoint holds a plain CLIP (see README: LoRA).")
+                          "at each task's end, so every task checkpoint holds a plain CLIP (docs/methods/lora.md).")
     train_modes = CLIP_TRAINING_MODES  # fc trains only a head on frozen features
     train_modes_note = ("fc trains only a linear head on frozen features, so LoRA would have nothing to adapt; "
                         "image-fc trains image-encoder adapters and the head")

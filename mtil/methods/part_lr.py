@@ -70,7 +70,7 @@ class PartLearningRates(Component):
     enable_flag = "--lr-mult-vision / --lr-mult-text / --lr-mult-proj"
     flag_group = ("Per-part learning rates",
                   "Multipliers of --lr for CLIP's image encoder, text encoder and projections (seed 002's 'two "
-                  "learning rates'; see README: Embedding adapters and baselines on image folders).")
+                  "learning rates'; docs/methods/part-lr.md).")
     conflicts = {"lora": "--lora trains adapters instead of CLIP's weights, so no CLIP part would take a "
                          "multiplier: use one of them"}
     order = 5.0

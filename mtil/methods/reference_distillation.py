@@ -41,7 +41,7 @@ from mtil.registry import register
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
 # --ref-feature-cache auto keeps teacher rows for reference sets up to this size: the rows (4 bytes x embedding
 # width each) stay on the device and in every checkpoint, and a set much larger than the draws (ImageNet's 1.28 M
-# against 64 000 draws a task) is rarely redrawn, so it would cost memory for little saving (README: Distillation).
+# against 64 000 draws a task) is rarely redrawn, so it would cost memory for little saving (docs/methods/zscl.md).
 CACHE_AUTO_LIMIT = 100_000
 
 
@@ -59,7 +59,7 @@ class _Images(Dataset):
         return self.raw[index][0], index
 
 
-DISTILLATION_MODES = ("whole", "image", "image-fc", "image-fc-fixed")  # not text (see README), not fc
+DISTILLATION_MODES = ("whole", "image", "image-fc", "image-fc-fixed")  # not text (docs/methods/zscl.md), not fc
 
 
 class ReferenceDistillation(Finetune):

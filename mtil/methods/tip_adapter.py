@@ -113,7 +113,7 @@ class TipAdapter(Method):
     summary = ("Tip-Adapter, training-free: a cache of the K-shot training features (keys) and labels (values) "
                "beside the zero-shot head, alpha and beta chosen on val (needs --shots)")
     flag_group = ("Tip-Adapter (--method tip-adapter, tip-adapter-f, tip-x)",
-                  "Few-shot cache models on a frozen CLIP (see README: Tip-Adapter). logits = s f W^T + alpha "
+                  "Few-shot cache models on a frozen CLIP (docs/methods/tip-adapter.md). logits = s f W^T + alpha "
                   "exp(-beta (1 - f Keys^T)) Values [+ gamma X]: alpha weighs the cache, beta sharpens it (the "
                   "original paper and code swapped these two names). Needs --shots K; chooses on val only.")
     training_free = True
@@ -350,7 +350,7 @@ class TipX(TipAdapter):
                "class distributions of the query and of the cache images; alpha, beta, gamma chosen on val")
     flag_group = ("Tip-X (--method tip-x)",
                   "The KL-divergence affinity term (temperature 0.5; scaled onto the range of the cache "
-                  "affinities measured on val; see README: Tip-Adapter).")
+                  "affinities measured on val; docs/methods/tip-adapter.md).")
 
     @classmethod
     def add_arguments(cls, group) -> None:

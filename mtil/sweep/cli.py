@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Sweeps (python -m mtil.sweep)",
         "Run a base command once per point of a grid of flag values (and seeds), one --save folder per point "
         "under --out; finished points are skipped and an interrupted one resumes when the sweep runs again; one "
-        "results table at the end (README: Sweeps).")
+        "results table at the end (docs/guides/sweeps.md).")
     add_flag(g, "--base", required=True, metavar="COMMAND",
              help="The command every point runs, as one shell word, e.g. \"python -m mtil.main --model toyclip "
                   "--train-dataset ToyColorB --iterations 50\"; each point adds its flags and --save. An mtil "
