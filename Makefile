@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mtil-installed
 
-.PHONY: demo test env docs arguments bench bench-toyworld clean-demo
+.PHONY: demo demo-full test env docs arguments bench bench-toyworld clean-demo
 
 env: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m mtil.demo --quick
+
+demo-full: $(STAMP)
 	$(PY) -m mtil.demo
 
 test: $(STAMP)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,9 +24,10 @@ from mtil.flags import _OneLineParser
 PACKAGE = Path(__file__).resolve().parent
 SPEC_FILE = PACKAGE / "assets" / "cli_spec.json"
 HELP_COLUMNS = 100  # the help text is formatted once, at this width
-NO_ARGUMENTS = ("nothing to do: give the tasks to train (e.g. --train-dataset ToyShape,ToyColor --iterations 100 "
-                "--model toyclip), --eval-only to evaluate, or --help for every flag; `make demo` runs the built-in "
-                "benchmark")
+NO_ARGUMENTS = ("nothing to do. usage: python -m mtil.main --train-dataset NAMES --iterations N [flags] (train a "
+                "sequence), or --eval-only [flags] (evaluate); e.g. --model toyclip --train-dataset ToyShape,ToyColor "
+                "--iterations 100; --help lists every flag, and `make demo` runs the built-in benchmark")
+PLUGINS_ENV = "MTIL_PLUGINS"  # as mtil.registry reads it (not imported here: it imports every method)
 
 
 def source_fingerprint() -> str:
@@ -84,14 +86,17 @@ def light_parser(spec: dict[str, Any]) -> argparse.ArgumentParser:
 def quick_answer(argv: Sequence[str], spec: dict[str, Any] | None = None) -> int | None:
     """The exit code when ``argv`` is answered here (no arguments, --help, a flag error), else None."""
     argv = list(argv)
-    if not argv:  # answered whatever the spec: the default run (ViT-B/16 on the benchmark) is never what was meant
-        if (spec := spec if spec is not None else load_spec()) is not None:
-            print(spec["usage"], end="", file=sys.stderr)
+    if not argv:  # the default run (ViT-B/16 on the benchmark) is never what was meant: one line, as every error
         print(f"mtil: error: {NO_ARGUMENTS}", file=sys.stderr)
         return 2
+    if os.environ.get(PLUGINS_ENV) or "mtil.registry" in sys.modules:  # flags the spec cannot know: plugins, or
+        return None  # methods registered in this process (and torch is imported already: nothing to save)
     spec = spec if spec is not None else load_spec()
-    if spec is None:
-        return None
+    return None if spec is None else answer_from_spec(argv, spec)
+
+
+def answer_from_spec(argv: list[str], spec: dict[str, Any]) -> int | None:
+    """--help, or argparse's own error for an unknown flag, a missing value or a value outside the choices."""
     before_end = argv[:argv.index("--")] if "--" in argv else argv
     if "-h" in before_end or "--help" in before_end:
         print(spec["help"], end="")

@@ -97,3 +97,24 @@ def test_a_short_fine_tune_from_toyclip_learns_position_far_above_chance(tmp_pat
     wide = mx.to_wide(mx.read_matrix(save / "accuracy_matrix.csv"), ["ToyPosition"])
     assert wide.at[0, "ToyPosition"] < 30.0  # toyclip does not know position zero-shot (5 classes: chance 20 %)
     assert wide.at[1, "ToyPosition"] >= 20.0 + 30.0
+
+
+def test_quick_runs_the_effect_on_one_seed_and_skips_the_seed_checks(tmp_path, monkeypatch, capsys):
+    """make demo (--quick): zero-shot, fine-tuning and ZSCL on one seed, the newcomer's first few minutes; the
+    checks compare gaps with the spread over seeds, so one seed says where the checked table is instead."""
+    seen = {}
+
+    def fake_experiment(out, methods, seeds, order, parallel):
+        seen.update(methods=methods, seeds=seeds)
+        rows = [_row("zeroshot", 60.0, 30.0), _row("finetune", 30.0, 90.0), _row("ZSCL", 55.0, 88.0)]
+        for row in rows:
+            row["seeds"] = 1
+        return rows, ORDER
+
+    monkeypatch.setattr(demo, "experiment", fake_experiment)
+    monkeypatch.setattr(demo, "write_outputs", lambda out, rows, tasks: None)
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert seen == {"methods": list(demo.QUICK_METHODS), "seeds": list(demo.QUICK_SEEDS)}
+    out = capsys.readouterr().out
+    assert "make demo-full" in out and "[PASS]" not in out and "[FAIL]" not in out
+    assert demo.main(["--quick", "--seeds", "1,2"]) == 2

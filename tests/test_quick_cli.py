@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mtil.args import build_parser, parse_args
-from mtil.cli_spec import NO_ARGUMENTS, SPEC_FILE, load_spec, quick_answer, source_fingerprint, spec_of
+from mtil.cli_spec import (NO_ARGUMENTS, SPEC_FILE, answer_from_spec, load_spec, quick_answer, source_fingerprint,
+                           spec_of)
 from mtil.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_the_shipped_spec_describes_this_source(spec):
     ["--train-dataset", "ToyShape", "--no-such-flag=3"],
 ])
 def test_a_flag_error_is_the_full_parsers_own_line(argv, spec, capsys):
-    assert quick_answer(argv, spec) == 2
+    assert answer_from_spec(argv, spec) == 2
     quick = capsys.readouterr().err.strip()
     with pytest.raises(UserError) as raised:
         parse_args(argv)
@@ -47,18 +48,28 @@ def test_a_flag_error_is_the_full_parsers_own_line(argv, spec, capsys):
 
 
 def test_valid_flags_are_left_to_the_full_parser(spec, capsys):
-    assert quick_answer(["--train-dataset", "ToyShape", "--lr", "not-a-number"], spec) is None  # a value: later
-    assert quick_answer(["--model", "toyclip", "--eval-only", "--we", "--no-we"], spec) is None
+    assert answer_from_spec(["--train-dataset", "ToyShape", "--lr", "not-a-number"], spec) is None  # a value: later
+    assert answer_from_spec(["--model", "toyclip", "--eval-only", "--we", "--no-we"], spec) is None
     assert capsys.readouterr().err == ""
 
 
 def test_help_and_no_arguments(spec, capsys):
-    assert quick_answer(["--train-dataset", "X", "--help"], spec) == 0
+    assert answer_from_spec(["--train-dataset", "X", "--help"], spec) == 0
     assert capsys.readouterr().out == spec["help"] and "--eval-sample-seed" in spec["help"]
     assert quick_answer([], spec) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: python -m mtil.main") and NO_ARGUMENTS in err
-    assert quick_answer([], {"fingerprint": "stale"} if False else None) == 2  # without a spec too
+    assert capsys.readouterr().err == f"mtil: error: {NO_ARGUMENTS}\n"  # one line, as every error
+    assert "usage: python -m mtil.main" in NO_ARGUMENTS
+
+
+def test_plugins_and_methods_registered_in_process_go_to_the_full_parser(spec, monkeypatch):
+    """A plugin's flags and methods are not in the shipped spec: the full parser answers (tests/test_registry.py
+    runs a plugin's --help and flags)."""
+    assert "mtil.registry" in sys.modules  # this process built the full parser: nothing would be saved either
+    assert quick_answer(["--no-such-flag"], spec) is None
+    monkeypatch.delitem(sys.modules, "mtil.registry")
+    assert quick_answer(["--no-such-flag"], spec) == 2
+    monkeypatch.setenv("MTIL_PLUGINS", "my_plugin.py")
+    assert quick_answer(["--no-such-flag"], spec) is None
 
 
 def test_a_stale_spec_answers_nothing(tmp_path, spec):
