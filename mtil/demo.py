@@ -307,8 +307,9 @@ def experiment(out: Path, methods: list[str], seeds: list[int], order: str, para
     if not run_jobs(jobs, tasks, parallel):
         return None
     rows = aggregate(jobs, tasks)
-    print(f"\nAll runs finished in {time.perf_counter() - started:.0f} s. Mean ± std over seeds (top-1 %); the "
-          f"last columns are each task's accuracy right after it was trained:\n")
+    over = "Mean ± std over seeds" if len(seeds) > 1 else f"Seed {seeds[0]}"
+    print(f"\nAll runs finished in {time.perf_counter() - started:.0f} s. {over} (top-1 %); the last columns are each "
+          f"task's accuracy right after it was trained:\n")
     print(format_table(rows, tasks))
     return rows, tasks
 
