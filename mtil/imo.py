@@ -91,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_command_line(argv: Sequence[str]) -> int | None:
+    """The checks that need no file (``python -m mtil.launch`` runs them before starting workers): the exit code
+    when the command is answered here (``--help``: 0; a refusal, printed in one line: 2), else None."""
+    from mtil.adapters import imo_train
+
+    try:
+        options = build_parser().parse_args(translate_imo(list(argv)))
+        imo_train.resolve_settings(vars(options))
+    except UserError as exc:
+        print(f"mtil.imo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mtil.adapters import imo_train
     from mtil.distributed import resolve_distributed

@@ -17,6 +17,48 @@ from mtil.errors import UserError, no_space_cause, no_space_error, path_error
 from mtil.seed_flags import translate_main
 
 
+def _error(message: str) -> None:
+    """The one error line (a line break in a file name or value stays on it); under torchrun or srun only rank 0
+    says it, as the other ranks meet the same error."""
+    if _launched_rank() == 0:
+        print("mtil: error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+
+
+def _launched_rank() -> int:
+    """This process's rank as torchrun or srun set it (0 otherwise); the environment only, no torch."""
+    import os
+
+    for variable in ("RANK", "SLURM_PROCID"):
+        try:
+            return int(os.environ.get(variable, "0"))
+        except ValueError:
+            continue
+    return 0
+
+
+def check_command_line(argv: Sequence[str]) -> int | None:
+    """Every check of ``argv`` that needs no file (what ``python -m mtil.launch`` runs before starting workers):
+    the exit code when the command is answered here (``--help``: 0; a refusal, printed in one line: 2), else None."""
+    try:
+        argv = translate_main(list(argv))
+    except UserError as exc:
+        _error(str(exc))
+        return 2
+    quick = quick_answer(argv)
+    if quick is not None:
+        return quick
+    try:
+        from mtil.args import parse_args
+
+        parse_args(argv)
+    except UserError as exc:
+        _error(str(exc))
+        return 2
+    except SystemExit as exc:  # --help of the full parser
+        return int(exc.code or 0)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback. No arguments, --help and
     a flag that does not exist are answered before the model code is imported (mtil.cli_spec)."""
@@ -24,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = translate_main(argv)  # the CLIP-AST seeds' spellings and Dassl overrides, in mtil's names
     except UserError as exc:
-        print(f"mtil: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     quick = quick_answer(argv)
     if quick is not None:
@@ -34,15 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args = parse_args(argv)
         return run(args)
-    except UserError as exc:  # a file name or value with a line break in it stays on the one line
-        print("mtil: error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+    except UserError as exc:
+        _error(str(exc))
         return 2
     except OSError as exc:  # a full disk outside mtil's own writers (a log line, a folder), a path the file system
         cause = no_space_cause(exc)  # refuses (too long, read-only, a file where a folder must be): still one line
         error = no_space_error(None, cause) if cause is not None else path_error(exc)
         if error is None:
             raise
-        print(f"mtil: error: {error}", file=sys.stderr)
+        _error(error)
         return 2
     except KeyboardInterrupt:
         print("mtil: interrupted", file=sys.stderr)

@@ -234,10 +234,16 @@ def test_refusals_on_two_processes(monkeypatch, tmp_path, capsys, extra, named):
 
 
 def test_evaluation_alone_is_refused_on_two_processes(monkeypatch, capsys):
+    """Refused on every rank (exit 2); rank 0 says why in one line, rank 1 stays silent (it meets the same error:
+    N copies of the line would bury it)."""
+    argv = ["--model", "micro-vit", "--eval-only", "--eval-datasets", "ToyShape", "--device", "cpu"]
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert main(["--model", "micro-vit", "--eval-only", "--eval-datasets", "ToyShape", "--device", "cpu"]) == 2
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
     assert "only training runs on several processes" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------------------------- the driver

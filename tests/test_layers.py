@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("mtil.engine",)),
     ("methods", ("mtil.methods", "mtil.registry")),
     ("command line", ("mtil.args", "mtil.arguments_doc", "mtil.jobs", "mtil.sweep", "mtil.main", "mtil.demo",
-                      "mtil.imo", "mtil.benchmark_checks", "mtil.data")),
+                      "mtil.imo", "mtil.benchmark_checks", "mtil.data", "mtil.launch")),
 ]
 
 
