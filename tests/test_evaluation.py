@@ -102,8 +102,8 @@ def test_metric_files_per_dataset_and_safe_names(tmp_path):
     write_metric_row(tmp_path / "run", "ImageFolder:/x/my set", 3, 1.0, 2.0)
     write_metric_row(tmp_path / "run", "ToyShape", 3, 10.0, 20.0)
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["metrics_ImageFolder_x_my_set.csv", "metrics_ToyShape.csv"]
-    assert safe_name("ImageFolder:/x/my set") == "ImageFolder_x_my_set"
+    assert names == ["metrics_ToyShape.csv", "metrics_my_set.csv"]  # a folder by its own name (issue 25)
+    assert safe_name("ImageFolder:/x/my set") == "my_set"
     assert read_metrics(tmp_path / "run" / "metrics_ToyShape.csv") == {3: (10.0, 20.0)}
     assert read_metrics(tmp_path / "absent.csv") == {}
 

@@ -19,7 +19,7 @@ import torch
 from mtil.engine.checkpoint import load_checkpoint
 from mtil.engine.run import Run
 from mtil.evaluation import fewshot_report
-from mtil.evaluation.metrics_io import safe_name
+from mtil.evaluation.metrics_io import safe_name, task_checkpoint_path
 from mtil.models.lora import has_lora
 from mtil.records.files import MATRIX, read_or_rebuild_matrix, result_record
 
@@ -78,7 +78,7 @@ def _row_weights(run: Run, folder: Path, row: int) -> tuple[dict[str, torch.Tens
     """The weights of a row of the matrix and the global step it was evaluated at."""
     if row == 0:
         return dict(run.zeroshot_state()), 0
-    path = folder / f"{safe_name(run.state.completed[row - 1])}.pth"
+    path = task_checkpoint_path(folder, run.state.completed[row - 1])
     if not path.is_file():
         return None, 0
     payload = load_checkpoint(path)

@@ -14,6 +14,7 @@ from mtil.engine.method import Method
 from mtil.engine.run import TaskSettings
 from mtil.engine.tasks import has_length
 from mtil.errors import UserError
+from mtil.evaluation.metrics_io import short_name, short_name_clashes
 from mtil.models.architectures import Architecture
 from mtil.models.clip_loading import build_clip
 from mtil.models.train_modes import trainable_names
@@ -22,7 +23,13 @@ from mtil.parallel import check_batch_sizes
 
 def check_settings(config: argparse.Namespace, datasets: Sequence[str], settings: Sequence[TaskSettings],
                    method: Method, world_size: int) -> None:
-    """Batch sizes split over the processes; every task has a length (unless the method trains nothing)."""
+    """Batch sizes split over the processes; every task has a length (unless the method trains nothing); no two
+    datasets of the run share a short name (the name of their files and table columns)."""
+    clashes = short_name_clashes([*datasets, *(config.eval_datasets or [])])
+    if clashes:
+        first, second = clashes[0]
+        raise UserError(f"{first} and {second} would both be called {short_name(first)!r} in the run's files and "
+                        f"tables: give one of the folders another name (a symbolic link will do)")
     check_batch_sizes({name: s.batch_size for name, s in zip(datasets, settings)}, world_size)
     for flag, size in type(method).shared_batch_sizes(config).items():
         check_batch_sizes({"": size}, world_size, flag)

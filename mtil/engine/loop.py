@@ -14,6 +14,7 @@ from mtil.engine.data_stream import batch_stream
 from mtil.engine.method import Method, ordered
 from mtil.engine.numerics import NonFiniteError, NonFiniteGuard
 from mtil.engine.preemption import Preempted, StopFlag
+from mtil.evaluation.metrics_io import short_name
 from mtil.engine.run import Run, TaskContext
 
 REPORT_EVERY = 10  # steps between progress-bar updates of the loss terms (reading a loss waits for the GPU)
@@ -53,7 +54,7 @@ class Progress:
         seconds = time.perf_counter() - self.window_time
         rate = steps * task.settings.batch_size / seconds if seconds > 0 else float("nan")
         eta = (task.total_steps - state.step) * seconds / steps if steps else 0.0
-        line = (f"[{task.name}] step {state.step}/{task.total_steps}  "
+        line = (f"[{short_name(task.name)}] step {state.step}/{task.total_steps}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
                 + f"  lr {lr:.2e}  {rate:.1f} img/s  ETA {_duration(eta)}")
         if self.run.records is not None:  # the same numbers to the trackers, against the global step

@@ -20,7 +20,7 @@ from mtil.engine.checkpoint import (
 )
 from mtil.engine.state import TrainingState
 from mtil.errors import UserError
-from mtil.evaluation.metrics_io import safe_name
+from mtil.evaluation.metrics_io import task_checkpoint_path
 from mtil.flags import flags_with_role
 from mtil.tensor_files import file_damage
 
@@ -71,7 +71,7 @@ def check_finished_run(folder: Path, state: TrainingState) -> None:
     """Re-running a finished run verifies its task checkpoints (those ``--keep-checkpoints`` kept), one at a time:
     a one-line UserError naming the first damaged one, before anything is written."""
     for index, name in enumerate(state.completed):
-        path = folder / f"{safe_name(name)}.pth"
+        path = task_checkpoint_path(folder, name)
         damage = file_damage(path, "its task checkpoint") if path.is_file() else None
         if damage is not None:
             raise UserError(f"{folder} holds this finished run, but {damage}; the weights after "

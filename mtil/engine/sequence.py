@@ -38,7 +38,7 @@ from mtil.engine.task_report import applied_settings, settings_lines
 from mtil.engine.tasks import has_length, resolve_tasks, steps_for, task_settings, warmup_chosen
 from mtil.errors import UserError
 from mtil.evaluation import fewshot_report
-from mtil.evaluation.metrics_io import safe_name
+from mtil.evaluation.metrics_io import safe_name, short_name
 from mtil.evaluation.report_writer import REPORTS_FOLDER, ReportWriter
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.folder_lock import FolderLock, refuse_if_held
@@ -303,7 +303,7 @@ class SequenceRunner:
                                                               with_val=name in state.sequence)
         label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
                                                     f"step {state.step}")
-        _say(run.log, f"[{label}] " + "  ".join(f"{r['dataset']} {r['top1']:.2f}" for r in rows))
+        _say(run.log, f"[{label}] " + "  ".join(f"{short_name(r['dataset'])} {r['top1']:.2f}" for r in rows))
         if fewshot_rows:
             _say(run.log, fewshot_report.format_line(label, fewshot_rows))
             self.records.fewshot(after_task, fewshot_rows)
@@ -362,7 +362,7 @@ class SequenceRunner:
         if not warmup_chosen(self.config, self.specs[index]):
             warmup = fair_warmup(stated, task.total_steps)
             if warmup < stated:
-                _say(run.log, f"mtil: note: {task.name}: the default warm-up of {stated} steps is longer than a "
+                _say(run.log, f"mtil: note: {short_name(task.name)}: the default warm-up of {stated} steps is longer than a "
                               f"tenth of the task's {task.total_steps} steps; {warmup} instead, so the lr reaches "
                               f"--lr (give --warmup-length N to choose)")
         state.warmup = warmup

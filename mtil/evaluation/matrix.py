@@ -35,6 +35,7 @@ import pandas as pd
 
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
+from mtil.evaluation.metrics_io import short_name
 
 MATRIX_COLUMNS = ("after_task", "dataset", "top1", "top5")
 SUMMARY_METRICS = ("transfer", "avg", "last", "forgetting", "bwt", "zero_shot")
@@ -290,14 +291,14 @@ def write_summary(path: str | os.PathLike, rows: list[dict]) -> Path:
 def _row_label(i: int, order: Sequence[str]) -> str:
     if i == 0:
         return "zero-shot"
-    return f"after {i}: {order[i - 1]}" if i <= len(order) else f"after {i}"
+    return f"after {i}: {short_name(order[i - 1])}" if i <= len(order) else f"after {i}"
 
 
 def format_matrix(long: pd.DataFrame, order: list[str]) -> str:
     """A text table of top-1: rows "zero-shot", "after i: <dataset>"; 1 decimal, '-' if missing."""
     wide = to_wide(long, order)
     labels = [_row_label(int(i), order) for i in wide.index]
-    header = [""] + list(wide.columns)
+    header = [""] + [short_name(c) for c in wide.columns]
     body = [[lab] + ["-" if _isnan(v) else f"{v:.1f}" for v in wide.loc[i].tolist()]
             for lab, i in zip(labels, wide.index)]
     widths = [max(len(r[c]) for r in [header] + body) for c in range(len(header))]
@@ -337,7 +338,7 @@ def plot_heatmap(long: pd.DataFrame, order: list[str], path: str | os.PathLike, 
                 ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=8,
                         color="black" if v > 60 else "white")
     ax.set_xticks(range(cols))
-    ax.set_xticklabels(list(wide.columns), rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels([short_name(c) for c in wide.columns], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(rows))
     ax.set_yticklabels([_row_label(int(i), order) for i in wide.index], fontsize=8)
     fig.colorbar(im, ax=ax, label="top-1 (%)")

@@ -15,9 +15,51 @@ from mtil.errors import no_space_cause, no_space_error
 METRIC_COLUMNS = ("iteration", "top1", "top5")
 
 
-def safe_name(dataset: str) -> str:
-    """A file-name-safe form of a dataset name (``ImageFolder:/x/y`` -> ``ImageFolder_x_y``)."""
+FILE_DATASETS = ("ImageFolder:", "CSV:")  # datasets named by a path
+
+
+def short_name(dataset: str) -> str:
+    """What tables, plots, progress lines and file names call a dataset: an image folder by its folder's name, a
+    CSV set by its file's stem (``ImageFolder:/data/sets/har_dataset`` -> ``har_dataset``); a registry name as it
+    is. The full name stays in results.jsonl and accuracy_matrix.csv, where it says which data was read; a run
+    refuses two datasets of one short name (:func:`short_name_clashes`)."""
+    for prefix in FILE_DATASETS:
+        if dataset.startswith(prefix):
+            base = dataset[len(prefix):].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+            if prefix == "CSV:" and base.lower().endswith(".csv"):
+                base = base[:-4]
+            return base or dataset
+    return dataset
+
+
+def short_name_clashes(datasets: list[str]) -> list[tuple[str, str]]:
+    """Pairs of different datasets of a run whose files would share a name (their short names agree)."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for name in dict.fromkeys(datasets):
+        key = safe_name(name).lower()
+        if key in seen and seen[key] != name:
+            clashes.append((seen[key], name))
+        seen.setdefault(key, name)
+    return clashes
+
+
+def legacy_safe_name(dataset: str) -> str:
+    """The file-name form of a dataset before short names (2026-12-07): the whole name (``ImageFolder_x_y``). A
+    folder of an older run may hold files named so; they are known, not foreign."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", dataset).strip("_")
+
+
+def safe_name(dataset: str) -> str:
+    """A file-name-safe form of a dataset's short name (``ImageFolder:/x/har data`` -> ``har_data``)."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", short_name(dataset)).strip("_")
+
+
+def task_checkpoint_path(folder: str | Path, dataset: str) -> Path:
+    """``<folder>/<short name>.pth``, or the whole-name file an older run wrote there when only that one exists."""
+    path = Path(folder) / f"{safe_name(dataset)}.pth"
+    legacy = Path(folder) / f"{legacy_safe_name(dataset)}.pth"
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def metrics_path(save_dir: str | Path, dataset: str) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mtil.errors import UserError
 from mtil.evaluation import matrix as mx
-from mtil.evaluation.metrics_io import METRIC_COLUMNS, metrics_path, write_metric_rows
+from mtil.evaluation.metrics_io import METRIC_COLUMNS, legacy_safe_name, metrics_path, write_metric_rows
 from mtil.records.files import MATRIX, RESULTS, SUMMARY, series_name
 
 Cell = tuple[int, str]
@@ -149,7 +149,8 @@ def check_folder(folder: Path, upto: int | None = None, rows_done: int | None = 
     elif journal.cells:
         repairs.matrix = True
         repairs.notes.append(f"{matrix_path} is missing")
-    known = {metrics_path(folder, name).name for name in journal.series}
+    known = {metrics_path(folder, name).name for name in journal.series} | \
+        {f"metrics_{legacy_safe_name(name)}.csv" for name in journal.series}  # an older mtil's file names
     for path in sorted(folder.glob("metrics_*.csv")):
         held = _csv_rows(path) if path.name not in known else None
         if held and any(upto is None or i < upto for i in held):
