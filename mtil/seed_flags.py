@@ -142,7 +142,7 @@ def _is_dassl_key(token: str) -> bool:
 # ---------------------------------------------------------------------------------------------- the IMO seed (004)
 # dino_clip_training.py's flags that mean what an mtil.imo flag means
 IMO_ALIASES = {"--output_dir": "--save", "--warmup_teacher_temp_epochs": "--warmup-teacher-epochs",
-               "--data_root": "--data-location"}
+               "--oi_root": "--data-location"}
 IMO_SEED_ONLY = {"--output_dir", "--adapter_train", "--distributed", "--freeze_last_layer", "--oi_root",
                  "--images_path", "--data_root", "--warmup_teacher_temp_epochs"}
 DINO_LR_BATCH = 256  # DINO's rule: the peak learning rate is --lr x (total batch) / 256
@@ -191,10 +191,14 @@ def translate_imo(argv: Sequence[str]) -> list[str]:
                 raise UserError(f"--freeze_last_layer {value}: mtil.imo never freezes the DINO head's last layer "
                                 f"(the seed's command uses 0)")
             index += step
-        elif name in ("--oi_root", "--images_path"):
-            raise UserError(f"{name} (the seed's Open Images list) is not mtil.imo's: give the image set as --data "
-                            f"CSV:PATH, a CSV with the columns path,label (docs: models and datasets, the IMO "
-                            f"adapter)")
+        elif name == "--images_path":  # its Open Images list (ImageID, DisplayName): a CSV set of mtil's
+            _note(f"--images_path {value} is --data CSV:{value} in mtil.imo (images <--oi_root>/<ImageID>.jpg)")
+            out += ["--data", f"CSV:{value}"]
+            index += step
+        elif name == "--data_root":  # Dassl's data folder, for the seed's evaluation datasets: DINO never reads it
+            _note(f"--data_root {value} (the seed's Dassl data folder) is not read by the adapter's training: "
+                  f"ignored (mtil.imo reads --images_path's images under --oi_root)")
+            index += step
         elif name == "--lr":
             lr = value
             index += step

@@ -66,16 +66,18 @@ IMO_SEED = ("--output_dir /model-output-dir --data_root /data-dir --epochs 10 --
 
 
 def test_the_imo_seeds_dino_command_takes_its_meaning(monkeypatch, capsys):
-    """Seed 004's dino_clip_training.py command under torchrun on 3 processes (WORLD_SIZE 3), but for its Open
-    Images list (--oi_root/--images_path: mtil reads --data CSV:PATH): mode dino, the folder, and the seed's --lr
-    read as DINO's base rate, 0.0008 x 40 x 3 / 256 = 3.75e-4, mtil's documented peak for that command."""
+    """Seed 004's dino_clip_training.py command under torchrun on 3 processes (WORLD_SIZE 3): mode dino, the
+    folder, its Open Images list as a CSV set whose images are under --oi_root, and the seed's --lr read as DINO's
+    base rate, 0.0008 x 40 x 3 / 256 = 3.75e-4, mtil's documented peak for that command."""
     from mtil.imo import build_parser
     from mtil.seed_flags import translate_imo
 
     monkeypatch.setenv("WORLD_SIZE", "3")
-    argv = translate_imo([*IMO_SEED.split(), "--data", "ToyShape", "--model", "micro-vit"])
+    argv = translate_imo([*IMO_SEED.split(), "--oi_root", "/open-images-dir", "--images_path", "/ids.csv",
+                          "--model", "micro-vit"])
     options = build_parser().parse_args(argv)
-    assert (options.save, options.mode, options.data_location) == ("/model-output-dir", "dino", "/data-dir")
+    assert (options.save, options.mode, options.data_location) == ("/model-output-dir", "dino", "/open-images-dir")
+    assert options.data == "CSV:/ids.csv"
     assert options.lr == pytest.approx(3.75e-4) and options.warmup_teacher_epochs == 3
     assert (options.epochs, options.batch_size, options.momentum_teacher) == (10, 40, 0.9998)
     assert "peak --lr 0.000375" in capsys.readouterr().err
@@ -84,7 +86,6 @@ def test_the_imo_seeds_dino_command_takes_its_meaning(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
-    (["--oi_root", "/oi", "--images_path", "/ids.csv"], "--data CSV:PATH"),
     (["--freeze_last_layer", "1"], "never freezes"),
 ])
 def test_what_mtil_imo_does_without_is_one_line(extra, fragment, monkeypatch, capsys):
@@ -102,3 +103,29 @@ def test_distributed_outside_torchrun_is_one_line(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert imo_main(IMO_SEED.split()) == 2
     assert "start the command with torchrun" in capsys.readouterr().err
+
+
+def test_the_imo_seeds_open_images_list_trains_the_adapter(tmp_path, monkeypatch, capsys):
+    """Its list (ImageID, DisplayName, type) read as the seed's script reads it: <oi_root>/<ImageID>.jpg labelled
+    by DisplayName. The seed's command, but for paths, model, one process (no --distributed) and a short run."""
+    from PIL import Image
+
+    from mtil.imo import main as imo_main
+
+    images = tmp_path / "open-images"
+    images.mkdir()
+    rows = ["ImageID,DisplayName,type"]
+    for index in range(16):
+        Image.new("RGB", (16, 16), (index * 15, 255 - index * 15, 40)).save(images / f"id{index:03d}.jpg")
+        rows.append(f"id{index:03d},{'Cat' if index % 2 else 'Dog'},train")
+    listing = tmp_path / "ids.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = (f"--output_dir {tmp_path / 'out'} --data_root {tmp_path / 'dassl'} --epochs 1 --batch_size 4 "
+            f"--momentum_teacher 0.9998 --adapter_train --freeze_last_layer 0 --lr 0.0008 --oi_root {images} "
+            f"--images_path {listing} --warmup_epochs 0 --warmup_teacher_temp_epochs 0").split()
+    assert imo_main([*argv, "--model", "micro-vit", "--device", "cpu", "--workers", "0", "--local-crops", "2",
+                     "--dino-out-dim", "64"]) == 0
+    assert (tmp_path / "out" / "imo_adapter.pt").is_file()
+    err = capsys.readouterr().err
+    assert "--images_path" in err and "is --data CSV:" in err

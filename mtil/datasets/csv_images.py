@@ -11,6 +11,10 @@ The file has a header row with the columns ``path`` and ``label`` (others are ig
   train and test by the seeded random split mtil uses for every dataset without an official one (seed 42), so no
   image is ever both trained on and tested on.
 
+A list in Open Images' own columns, ``ImageID`` and ``DisplayName`` (what the IMO seed's ``--images_path`` file
+holds), is read too: each row's image is ``<data location>/<ImageID>.jpg`` (``--data-location``, the seed's
+``--oi_root``) and its label the ``DisplayName``.
+
 Every row is checked when the dataset is opened: a missing column, an empty path or label, an unknown split or an
 image file that does not exist is a one-line error naming the CSV line. Damaged images met later are skipped with a
 warning (see :mod:`mtil.datasets.tolerant`).
@@ -54,9 +58,13 @@ class CsvImages(Dataset):
             return image.convert("RGB"), label
 
 
-def read_csv_rows(csv_path: Path) -> list[tuple[str, str, str | None, int]]:
+OPEN_IMAGES_COLUMNS = ("ImageID", "DisplayName")
+
+
+def read_csv_rows(csv_path: Path, image_root: Path | None = None) -> list[tuple[str, str, str | None, int]]:
     """(resolved image path, label, split or None, CSV line) per data row, every row checked (see the module
-    docstring); one-line UserErrors name the file and the line."""
+    docstring); one-line UserErrors name the file and the line. ``image_root``: where an Open Images list's
+    ``<ImageID>.jpg`` files are (default: the CSV's folder)."""
     if not csv_path.is_file():
         raise UserError(f"CSV file {csv_path} not found: expected {CSV_LAYOUT}")
     try:
@@ -64,14 +72,20 @@ def read_csv_rows(csv_path: Path) -> list[tuple[str, str, str | None, int]]:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in reader.fieldnames or []]
             reader.fieldnames = columns
-            lacking = [c for c in ("path", "label") if c not in columns]
+            open_images = all(c in columns for c in OPEN_IMAGES_COLUMNS) and "path" not in columns
+            lacking = [c for c in ("path", "label") if c not in columns] if not open_images else []
             if lacking:
                 found = ", ".join(repr(c) for c in columns) or "none (empty file)"
                 raise UserError(f"{csv_path} has no {' or '.join(repr(c) for c in lacking)} column (columns: "
                                 f"{found}): expected {CSV_LAYOUT}")
             has_split = "split" in columns
             rows = []
+            root = image_root if image_root is not None else csv_path.parent
             for row in reader:
+                if open_images:  # Open Images' columns: <root>/<ImageID>.jpg, labelled by DisplayName
+                    image_id = (row.get("ImageID") or "").strip()
+                    row = {**row, "path": str(root / f"{image_id}.jpg") if image_id else "",
+                           "label": row.get("DisplayName")}
                 rows.append(_checked_row(csv_path, reader.line_num, row, has_split))
     except UnicodeDecodeError as exc:
         raise UserError(f"{csv_path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
@@ -102,9 +116,9 @@ def _checked_row(csv_path: Path, line: int, row: dict, has_split: bool) -> tuple
     return str(resolved), label, split, line
 
 
-def open_csv_dataset(csv_path: Path, name: str) -> TaskData:
+def open_csv_dataset(csv_path: Path, name: str, image_root: Path | None = None) -> TaskData:
     """The :class:`TaskData` of a CSV file (see the module docstring)."""
-    rows = read_csv_rows(csv_path)
+    rows = read_csv_rows(csv_path, image_root)
     labels = sorted({label for _, label, _, _ in rows})
     index = {label: i for i, label in enumerate(labels)}
     where = str(csv_path)
@@ -128,6 +142,6 @@ def open_csv_dataset(csv_path: Path, name: str) -> TaskData:
 @register_pattern(r"CSV:(.+)")
 def csv_dataset(match: re.Match) -> DatasetEntry:
     path = Path(match.group(1))
-    return DatasetEntry(match.group(0), lambda root, download: open_csv_dataset(path, match.group(0)), CSV_LAYOUT,
-                        downloadable=False, root=path.parent)
+    return DatasetEntry(match.group(0), lambda root, download: open_csv_dataset(path, match.group(0), Path(root)),
+                        CSV_LAYOUT, downloadable=False, root=path.parent)
 
