@@ -31,12 +31,13 @@ def missing_cells(long, rows: int, datasets: list[str]) -> dict[int, list[str]]:
             if any((row, d) not in have for d in datasets)}
 
 
-def fill_earlier_rows(run: Run, folder: Path, datasets: list[str], records, method: str,
+def fill_earlier_rows(run: Run, folder: Path, datasets: list[str], first_task: str, records, method: str,
                       say: Callable[[str], None]) -> int:
-    """Evaluate ``datasets`` (this link's tasks) in the earlier rows of the matrix in ``folder`` that lack them
-    (every process reads the folder, so all take part in the evaluations); returns the cells filled."""
+    """Evaluate ``datasets`` (this link's tasks) in the rows before the link's ``first_task`` of the matrix in
+    ``folder`` that lack them (every process reads the folder, so all take part in the evaluations); returns the
+    cells filled. Idempotent: a link resumed after a kill fills what the first attempt had not."""
     state = run.state
-    rows = len(state.completed) + 1  # row 0 (zero-shot) .. row k (after the last task of the earlier links)
+    rows = state.sequence.index(first_task) + 1  # row 0 (zero-shot) .. row k (the earlier links' last task)
     matrix = folder / MATRIX
     missing = missing_cells(read_or_rebuild_matrix(matrix) if matrix.is_file() else None, rows, datasets)
     if not missing:
@@ -53,7 +54,7 @@ def fill_earlier_rows(run: Run, folder: Path, datasets: list[str], records, meth
             weights, iteration = _row_weights(run, folder, row)
             if weights is None:
                 say(f"mtil: note: row {row} of the matrix lacks {', '.join(names)} and its weights "
-                    f"({safe_name(state.completed[row - 1])}.pth) are not kept: --keep-checkpoints all keeps them")
+                    f"({safe_name(state.sequence[row - 1])}.pth) are not kept: --keep-checkpoints all keeps them")
                 continue
             run.model.load_state_dict({**current, **weights})
             run.evaluator.model_changed(text_changed=True)
@@ -61,7 +62,7 @@ def fill_earlier_rows(run: Run, folder: Path, datasets: list[str], records, meth
             for name in names:
                 result = run.evaluator.evaluate(name, "test", part)
                 records.evaluation(result_record(
-                    dataset=name, iteration=iteration, after_task=row, sequence=state.completed[:row], top1=result.top1,
+                    dataset=name, iteration=iteration, after_task=row, sequence=state.sequence[:row], top1=result.top1,
                     top5=result.top5, images=result.count, classes=result.classes, part=part, head=result.head,
                     method=method), row)
                 cells.append({"after_task": row, "dataset": name, "top1": result.top1, "top5": result.top5})
@@ -78,7 +79,7 @@ def _row_weights(run: Run, folder: Path, row: int) -> tuple[dict[str, torch.Tens
     """The weights of a row of the matrix and the global step it was evaluated at."""
     if row == 0:
         return dict(run.zeroshot_state()), 0
-    path = task_checkpoint_path(folder, run.state.completed[row - 1])
+    path = task_checkpoint_path(folder, run.state.sequence[row - 1])
     if not path.is_file():
         return None, 0
     payload = load_checkpoint(path)

@@ -103,7 +103,6 @@ class SequenceRunner:
         self.resumed_from: Path | None = None  # the checkpoint read on resume (latest.pth, or a fallback)
         self.latest_is_good = False  # latest.pth on disk was read or written and verified by this process
         self.guard = WeightsGuard()  # build() bounds the saved weights by the model's start
-        self.chained = False  # a link of a one-process-per-task chain (build() decides)
         self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
         self.label = run_label(components, config)  # finetune+ema: what tables and files call this run
         self.records = Records(None, self.config_record, self.label)  # build() gives it the folder
@@ -186,7 +185,7 @@ class SequenceRunner:
         configure_matmul(device, config.deterministic)
         seed_everything(config.seed)
         precision = self.precision
-        self.chained = self.resumed is None and bool(state.completed)  # every rank: all take part in filling
+        chained = self.resumed is None and bool(state.completed)  # the next link of a one-task-per-process chain
         if self.save_dir is not None:
             self.lock = FolderLock(self.save_dir).acquire()  # one run per folder, until this process ends
             self.records = Records.for_run(self.save_dir, self.config_record, self.label,
@@ -195,7 +194,6 @@ class SequenceRunner:
                 self.records.load_state_dict(self.resumed.get("records"))
             # trackers go on from a resumed checkpoint's step (replayed) or after a chain's --load's; a tracker that
             # cannot start is one line before mtil writes its own files
-            chained = self.chained
             self.records.start(resumed_at=state.global_step + 1 if chained else
                                state.global_step if self.resumed is not None else None)
         log = open_log(self.save_dir)
@@ -448,9 +446,11 @@ class SequenceRunner:
             if self.reports is not None:  # re-run with --report: the final reports it lacks, from its final weights
                 self.reports.catch_up(self.eval_names(run), lambda line: _say(run.log, line),
                                       after_task=len(state.completed), iteration=state.global_step)
-        if self.chained and self.read_dir is not None:  # a chain's link: its tasks in the earlier links' rows
+        if self.read_dir is not None and resume.continues_chain(self.config, self.read_dir):
+            # a chain's link (started or resumed): its tasks in the earlier links' rows
             own = [s.dataset for s in self.specs if s.dataset in self.eval_names(run)]
-            fill_earlier_rows(run, self.read_dir, own, self.records, self.label, lambda line: _say(run.log, line))
+            fill_earlier_rows(run, self.read_dir, own, self.specs[0].dataset, self.records, self.label,
+                              lambda line: _say(run.log, line))
         if not state.zero_shot_evaluated:
             self.evaluate_row(run, 0)
             state.zero_shot_evaluated = True
