@@ -13,7 +13,12 @@ Nothing a page shows is copied by hand from another file; a page names its sourc
 * ``<!-- flags: GROUP -->``: the table of one flag group of that reference (its title as ``--help`` shows it,
   e.g. ``CLIP-AST (--method ast)``), for a method's page.
 * ``<!-- csv: PATH -->``: the CSV file PATH (relative to ``docs/``, e.g. ``results/bench_integrity.csv``) as a
-  Markdown table; measured results live as CSV with their date, commit, machine and command.
+  Markdown table; measured results live as CSV with their date, commit, machine and command. Options follow the
+  path (quoted as in a shell where they hold spaces): ``once=date,commit,machine,command`` writes each of those
+  columns whose value is the same in every row once, under the table, instead of as a column (a column whose rows
+  differ stays a column); ``bold="COLUMN:VALUE,VALUE"`` shows the cells of COLUMN that hold one of the values in
+  bold (a value no cell holds stops the build, so a re-measured file is noticed). Without options every column is
+  shown, in the file's order.
 
 A marker that names a file, group or section that does not exist stops the build with a one-line error, so a
 renamed flag group or a moved file is noticed by ``make docs`` (and by ``tests/test_docs.py``).
@@ -28,6 +33,7 @@ import csv
 import io
 import posixpath
 import re
+import shlex
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -97,8 +103,24 @@ def _inline(kind: str, argument: str, page_path: str) -> str:
     return groups[argument]
 
 
-def csv_table(relative: str, page_path: str = "?") -> str:
-    """The CSV file ``docs/<relative>`` as a Markdown table (every column, in the file's order)."""
+def csv_table(argument: str, page_path: str = "?") -> str:
+    """A ``csv`` marker's argument (``docs/``-relative path, then options) as a Markdown table.
+
+    Without options: every column, in the file's order. ``once=COL,...`` and ``bold=COL:VALUE,...``: see the
+    module's docstring."""
+    try:
+        words = shlex.split(argument)
+    except ValueError as exc:
+        raise PluginError(f"{page_path}: <!-- csv: {argument} -->: {exc}") from None
+    if not words:
+        raise PluginError(f"{page_path}: <!-- csv: --> names no file")
+    relative, options = words[0], {}
+    for word in words[1:]:
+        key, equals, value = word.partition("=")
+        if key not in ("once", "bold") or not equals:
+            raise PluginError(f"{page_path}: <!-- csv: {argument} -->: unknown option {word!r} (the options are "
+                              "once=COLUMN,... and bold=COLUMN:VALUE,...)")
+        options[key] = value
     path = DOCS / relative
     if not path.is_file():
         raise PluginError(f"{page_path}: <!-- csv: {relative} -->: no such file under docs/")
@@ -112,13 +134,41 @@ def csv_table(relative: str, page_path: str = "?") -> str:
         raise PluginError(f"{page_path}: <!-- csv: {relative} -->: a row has {len(short[0])} fields, the header "
                           f"{len(header)}")
 
-    def cell(value: str) -> str:
-        value = value.replace("|", "\\|").replace("\n", " ")
-        return f"`{value}`" if value.startswith(("python ", "torchrun ", "make ")) else value
+    def column(name: str) -> int:
+        if name not in header:
+            raise PluginError(f"{page_path}: <!-- csv: {argument} -->: no column {name!r} in {relative}; the "
+                              "columns are: " + ", ".join(header))
+        return header.index(name)
 
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in body]
-    return "\n".join(lines) + f"\n\nData: [`docs/{relative}`]({_relative(page_path, relative)}).\n"
+    def text(value: str, name: str) -> str:
+        code = value.startswith(("python ", "torchrun ", "make ")) or (name == "command" and value != "unknown")
+        return f"`{value}`" if code else value
+
+    def cell(value: str, name: str) -> str:
+        return text(value.replace("|", "\\|").replace("\n", " "), name)
+
+    once = [column(name) for name in options.get("once", "").split(",") if name]
+    once = [i for i in once if len({row[i] for row in body}) == 1]
+    bold: set[tuple[int, str]] = set()
+    if "bold" in options:
+        name, _, values = options["bold"].rpartition(":")
+        index = column(name)
+        for value in values.split(","):
+            if not any(row[index] == value for row in body):
+                raise PluginError(f"{page_path}: <!-- csv: {argument} -->: no cell of column {name!r} holds "
+                                  f"{value!r} in {relative}")
+            bold.add((index, value))
+    shown = [i for i in range(len(header)) if i not in once]
+
+    def shown_cell(row: list[str], i: int) -> str:
+        value = cell(row[i], header[i])
+        return f"**{value}**" if (i, row[i]) in bold else value
+
+    lines = ["| " + " | ".join(header[i] for i in shown) + " |", "| " + " | ".join("---" for _ in shown) + " |"]
+    lines += ["| " + " | ".join(shown_cell(row, i) for i in shown) + " |" for row in body]
+    common = " · ".join(f"{header[i]}: {text(body[0][i].replace(chr(10), ' '), header[i])}" for i in once)
+    return ("\n".join(lines) + "\n\n" + (common + "\n\n" if common else "")
+            + f"Data: [`docs/{relative}`]({_relative(page_path, relative)}).\n")
 
 
 # ------------------------------------------------------------------------------------------------ the flag reference
