@@ -16,7 +16,21 @@ def finite_flag(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     tensors = [t.detach() for t in tensors if t is not None and t.is_floating_point() and t.numel()]
     if not tensors:
         return torch.tensor(True)
-    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
+    return torch.isfinite(_norms(tensors)).all()
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm in float32 (fused for float32 tensors; a half-precision norm would overflow at 65 504,
+    so those are taken in float32 one by one)."""
+    wide = [i for i, t in enumerate(tensors) if t.dtype in (torch.float32, torch.float64)]
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    if wide:
+        for i, n in zip(wide, torch._foreach_norm([tensors[i] for i in wide])):
+            norms[i] = n.float()
+    for i, t in enumerate(tensors):
+        if norms[i] is None:
+            norms[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
+    return torch.stack([n.to(norms[0].device) for n in norms])
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -34,6 +48,7 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     bad = next((k for k, v in tensors if not torch.isfinite(v).all()), None)
     if bad is not None:
         return f"{bad} is not finite"
-    name, value = next(((k, v) for k, v in tensors if not torch.isfinite(torch.linalg.vector_norm(v.float()))),
-                       tensors[0])
+    norms = _norms([v for _, v in tensors])
+    index = int((~torch.isfinite(norms)).nonzero()[0, 0])
+    name, value = tensors[index]
     return f"{name} has exploded (largest |value| {value.abs().max().item():.3g}: its norm overflows float32)"

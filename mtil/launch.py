@@ -39,8 +39,12 @@ def _checked_as_a_worker(args, check) -> int | None:
 
     try:
         per_node = int(args.nproc_per_node)
-    except (TypeError, ValueError):  # "gpu", "auto": at least two when there is a choice
-        per_node = 2
+    except (TypeError, ValueError):  # "gpu", "auto", "cpu": as torchrun counts them
+        import torch
+
+        gpus = torch.cuda.device_count()
+        per_node = gpus if args.nproc_per_node == "gpu" or (args.nproc_per_node == "auto" and gpus) else \
+            (os.cpu_count() or 1)
     nodes = int(str(args.nnodes).split(":")[-1]) if str(args.nnodes).split(":")[-1].isdigit() else 1
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
     os.environ.update(WORLD_SIZE=str(max(1, per_node * nodes)), RANK="0")
@@ -54,10 +58,22 @@ def _checked_as_a_worker(args, check) -> int | None:
                 os.environ[key] = value
 
 
+EXPECTED_EXITS = {2: None, 3: "preempted: its checkpoint is saved, run the same command again",
+                  130: "interrupted (Ctrl-C)"}  # mtil's refusal (the worker said why), a stop request, Ctrl-C
+
+
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """``--verbose`` is the launcher's own only before the training script (``-m MODULE`` or a script path)."""
+    for index, token in enumerate(argv):
+        if token in ("-m", "--module") or token.endswith(".py"):
+            head, tail = argv[:index], argv[index:]
+            return [a for a in head if a != "--verbose"] + tail, "--verbose" in head
+    return [a for a in argv if a != "--verbose"], "--verbose" in argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv
-    argv = [a for a in argv if a != "--verbose"]
+    argv, verbose = _split_verbose(list(sys.argv[1:] if argv is None else argv))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -74,12 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
+    except SignalException as exc:  # the launcher itself was signalled (Ctrl-C, SIGTERM): the workers got it too
+        print(f"mtil.launch: stopped by {exc.sigval.name}; the workers saved what they could (run the same command "
+              f"again to resume)", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        if failure.exitcode != 2:  # not mtil's one-line refusal (the worker printed that itself)
-            print(f"mtil.launch: rank {rank} stopped with exit code {failure.exitcode} (its output is above)",
-                  file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        if code in EXPECTED_EXITS and EXPECTED_EXITS[code]:
+            print(f"mtil.launch: {EXPECTED_EXITS[code]}", file=sys.stderr)
+        elif code == 2 and rank != 0:  # mtil's refusal that rank 0 did not meet: only rank 0 prints mtil's line
+            print(f"mtil.launch: rank {rank} stopped on an error rank 0 did not meet (exit code 2); run that rank's "
+                  f"command alone, or with --verbose, to see it", file=sys.stderr)
+        elif code not in EXPECTED_EXITS:
+            print(f"mtil.launch: rank {rank} stopped with exit code {code} (its output is above)", file=sys.stderr)
+        return code
     return 0
 
 

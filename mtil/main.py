@@ -25,14 +25,21 @@ def _error(message: str) -> None:
 
 
 def _launched_rank() -> int:
-    """This process's rank as torchrun or srun set it (0 otherwise); the environment only, no torch."""
+    """This process's rank as torchrun (RANK and WORLD_SIZE) or srun (SLURM_PROCID of a step of several tasks) set
+    it, 0 otherwise: mtil.distributed's rule, read here without importing torch."""
     import os
 
-    for variable in ("RANK", "SLURM_PROCID"):
+    def number(variable: str) -> int:
         try:
             return int(os.environ.get(variable, "0"))
         except ValueError:
-            continue
+            return 0
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return number("RANK")
+    tasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in os.environ else "SLURM_NTASKS"
+    if "SLURM_PROCID" in os.environ and number(tasks) > 1:
+        return number("SLURM_PROCID")
     return 0
 
 

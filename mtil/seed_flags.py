@@ -91,6 +91,7 @@ def translate_main(argv: Sequence[str]) -> list[str]:
     flag mtil does without is a UserError naming what to give instead."""
     out: list[str] = []
     tokens = list(argv)
+    switches = _switches()
     index = 0
     while index < len(tokens):
         token = tokens[index]
@@ -110,7 +111,7 @@ def translate_main(argv: Sequence[str]) -> list[str]:
             _note(f"--dataset-config-file {value} is {' '.join(flags)} in mtil")
             out += flags
             index += 1 if "=" in token else 2
-        elif _is_dassl_key(token):
+        elif _is_dassl_key(token) and not _value_of_previous(out, switches):
             if index + 1 >= len(tokens):
                 raise UserError(f"Dassl override {token} has no value")
             values, index = _dassl_value(tokens, index + 1)
@@ -131,6 +132,24 @@ def translate_main(argv: Sequence[str]) -> list[str]:
             out.append(token)
             index += 1
     return out
+
+
+def _switches() -> set[str] | None:
+    """mtil.main's flags that take no value (from mtil.cli_spec; None when the spec is stale)."""
+    from mtil.cli_spec import load_spec
+
+    spec = load_spec()
+    if spec is None:
+        return None
+    return {option for flag in spec["flags"] if flag["nargs"] == 0 for option in flag["options"]}
+
+
+def _value_of_previous(out: list[str], switches: set[str] | None) -> bool:
+    """Whether the next token is the value of the option just before it (``--save RUN.1``), not a Dassl key. Without
+    the spec every ``--flag`` counts as taking a value: a key right after a switch is then read as its value."""
+    if not out or not out[-1].startswith("--") or "=" in out[-1]:
+        return False
+    return switches is None or out[-1] not in switches
 
 
 def _is_dassl_key(token: str) -> bool:

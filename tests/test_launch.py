@@ -43,3 +43,25 @@ def test_another_failure_is_named_with_its_exit_code(tmp_path):
     done = _launch("-m", "zipfile", "-l", str(tmp_path / "missing.zip"))  # a traceback, exit code 1
     assert done.returncode == 1 and "mtil.launch: rank " in done.stderr and "exit code 1" in done.stderr
     assert "ChildFailedError" not in done.stderr
+
+
+def test_verbose_belongs_to_the_launcher_only_before_the_script():
+    from mtil.launch import _split_verbose
+
+    assert _split_verbose(["--verbose", "--nproc_per_node", "2", "-m", "mtil.main", "--verbose"]) == \
+        (["--nproc_per_node", "2", "-m", "mtil.main", "--verbose"], True)
+    assert _split_verbose(["--nproc_per_node", "2", "train.py", "--verbose"])[1] is False
+
+
+def test_only_rank_0_speaks_under_torchrun_and_srun(monkeypatch, capsys):
+    """The rank comes from RANK with WORLD_SIZE (torchrun) or SLURM_PROCID in a step of several tasks (srun)."""
+    from mtil.main import main
+
+    argv = ["--model", "micro-vit", "--eval-only", "--eval-datasets", "ToyShape", "--device", "cpu"]
+    for variable in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert main(argv) == 2 and capsys.readouterr().err == ""  # srun's rank 1: silent
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert main(argv) == 2 and "only training runs on several processes" in capsys.readouterr().err

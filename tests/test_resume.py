@@ -387,3 +387,32 @@ def test_a_second_ctrl_c_quits_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_stops_a_training_free_run_at_the_next_row(tmp_path):
+    """A training-free method has no step to stop at: the request is met after the next row (found in review: one
+    Ctrl-C went on through every task and exited 0), said once even with DataLoader workers, and the same command
+    resumes and finishes."""
+    save = tmp_path / "zs"
+    argv = [sys.executable, "-m", "mtil.main", "--model", "micro-vit", "--method", "zeroshot", "--train-dataset",
+            "ToyWorld", "--max-evaluation-size", "300", "--workers", "2", "--device", "cpu", "--save", str(save)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (save / "latest.pth").is_file():
+            assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the zero-shot row never ended"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert err.count("Ctrl-C: saving") == 1, err
+    assert not load(save / "latest.pth")["state"]["completed"] == load(save / "latest.pth")["state"]["sequence"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (save / "summary.csv").is_file()

@@ -56,6 +56,10 @@ def test_what_mtil_does_without_is_one_line(argv, fragment, capsys):
 
 def test_a_bare_upper_case_value_is_left_alone():
     assert translate_main(["--train-dataset", "SUN397", "--k", "6"]) == ["--train-dataset", "SUN397", "--k", "6"]
+    # a flag's value that looks like a Dassl key stays that flag's value (found in review: --save RUN.1)
+    assert translate_main(["--save", "RUN.1", "--k", "6"]) == ["--save", "RUN.1", "--k", "6"]
+    assert translate_main(["--class-names", "CLASSES.TXT", "K", "6"])[-2:] == ["--k", "6"]
+    assert translate_main(["--random-selection", "K", "6"]) == ["--random-selection", "--k", "6"]  # a switch
     with pytest.raises(UserError, match="Dassl override K has no value"):
         translate_main(["K"])
 

@@ -57,12 +57,16 @@ def interrupt_handler(flag: StopFlag) -> Callable[[int, Any], None]:
     """Ctrl-C (SIGINT) saves as SIGTERM does: the first asks the loop to save at the next step boundary and stop;
     a second one, or one after another stop request, quits at once (KeyboardInterrupt; atomic writes leave no
     half-written file)."""
+    owner = os.getpid()  # forked DataLoader workers inherit the handler: only this process speaks and stops
+
     def handle(signum: int, frame) -> None:
+        if os.getpid() != owner:
+            return
         if flag.requested:
             raise KeyboardInterrupt
         flag.request(signum)
-        print("mtil: Ctrl-C: saving at the next step, then stopping (Ctrl-C again to quit at once, without saving)",
-              file=sys.stderr, flush=True)
+        print("mtil: Ctrl-C: saving at the next step or row, then stopping (Ctrl-C again to quit at once, without "
+              "saving)", file=sys.stderr, flush=True)
 
     return handle
 

@@ -455,13 +455,23 @@ class SequenceRunner:
             self.evaluate_row(run, 0)
             state.zero_shot_evaluated = True
             self.save_latest(run, with_optimizer=False)
+            self._stop_if_requested(run, "the zero-shot row")
         while not state.finished:
             if state.task_evaluated:
                 self._train_one_task(run)
+                self._stop_if_requested(run, f"task {len(state.completed)}")
             self.evaluate_row(run, len(state.completed))
             state.task_evaluated = True
             self.save_latest(run, with_optimizer=False)
+            self._stop_if_requested(run, f"the row after task {len(state.completed)}")
         self.report(run)
+
+    def _stop_if_requested(self, run: Run, where: str) -> None:
+        """A stop request (SIGTERM, SIGUSR1, Ctrl-C) met between steps: a training-free task or an evaluation has
+        no step to stop at. The checkpoint just written holds this point; every rank votes, so all stop together."""
+        if run.state.finished or not self.parallel.any(self.stop.requested, run.device):
+            return
+        raise Preempted(f"stopped by {self.stop.signal_name or 'another process'} after {where}")
 
     def report(self, run: Run) -> None:
         trained = [name for name in run.state.sequence if name not in CAPTION_DATASETS]

@@ -50,9 +50,17 @@ def legacy_safe_name(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", dataset).strip("_")
 
 
+RESERVED_STEMS = ("latest", "latest.prev")  # the run's own checkpoints: no dataset's files may take their names
+
+
 def safe_name(dataset: str) -> str:
-    """A file-name-safe form of a dataset's short name (``ImageFolder:/x/har data`` -> ``har_data``)."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", short_name(dataset)).strip("_")
+    """A file-name-safe form of a dataset's short name (``ImageFolder:/x/har data`` -> ``har_data``). A short name
+    that would be empty (non-ASCII letters only), hidden (``.x``) or one of the run's own files (``latest``) falls
+    back to the whole name's form, which cannot be any of these."""
+    name = re.sub(r"[^A-Za-z0-9.+-]+", "_", short_name(dataset)).strip("_")
+    if not name or name.startswith(".") or name.lower() in RESERVED_STEMS:
+        return legacy_safe_name(dataset)
+    return name
 
 
 def task_checkpoint_path(folder: str | Path, dataset: str) -> Path:
