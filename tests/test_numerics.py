@@ -165,3 +165,26 @@ def test_a_head_trained_to_nonsense_is_never_saved(argv, culprit, tmp_path, caps
     assert len(err) == 1 and re.search(culprit, err[0]) and "Traceback" not in err[0], err
     assert load(save / "latest.pth")["state"]["completed"] == []
     assert not list(save.glob("ToyColor*.pth"))
+
+
+def test_the_explosion_bound_is_the_same_after_a_resume(tmp_path, monkeypatch):
+    """The bounds come from the zero-shot weights, not from the weights the process starts with (found in review:
+    each resume or chain link allowed another 1e4x)."""
+    from mtil.engine import numerics
+    from tests.helpers import run_killed_at
+
+    starts: list[dict] = []
+    original = numerics.WeightsGuard.__init__
+
+    def recording(self, start=None):
+        original(self, start)
+        if self.start:
+            starts.append(dict(self.start))
+
+    monkeypatch.setattr(numerics.WeightsGuard, "__init__", recording)
+    argv = ["--model", "micro-vit", "--train-dataset", "ToyShape", "--iterations", "6", "--batch-size", "8",
+            "--lr", "1e-2", "--warmup-length", "1", "--max-evaluation-size", "8", "--workers", "0", "--device", "cpu",
+            "--checkpoint-interval", "2", "--save", str(tmp_path / "run")]
+    run_killed_at(monkeypatch, argv, [], 5)
+    assert main(argv) == 0
+    assert len(starts) == 2 and starts[0] == starts[1]

@@ -69,9 +69,9 @@ def largest_values(tensors: list[torch.Tensor]) -> list[float]:
 
 class WeightsGuard:
     """Refuses to save weights that are not finite or have exploded. The bound of a tensor is
-    :data:`EXPLOSION_FACTOR` times the larger of 1 and its largest |value| when this process started (the run's
-    start, or the checkpoint it resumed from); a tensor that did not exist then (a head, an adapter) has the bound
-    of a start of 1. Training that works moves weights by far less; one that diverges overshoots it by orders of
+    :data:`EXPLOSION_FACTOR` times the larger of 1 and its largest |value| at the start (the runner gives the
+    zero-shot weights, so a resumed run and each link of a chain have the straight run's bounds); a tensor that
+    did not exist then (a head, an adapter) has the bound of a start of 1. Training that works moves weights by far less; one that diverges overshoots it by orders of
     magnitude (``--lr 1e20`` gives 1e20) while staying finite, and would be saved and evaluated at chance."""
 
     def __init__(self, start: Mapping[str, torch.Tensor] | None = None):

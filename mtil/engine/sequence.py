@@ -223,9 +223,17 @@ class SequenceRunner:
                 "sequence": list(state.sequence)}).attach(evaluator)
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision, parallel=self.parallel, records=self.records)
-        # the saved weights' bounds: their largest values now (the run's start, or the checkpoint it resumed from)
-        self.guard = WeightsGuard({f"model/{k}": v for k, v in base_state_dict(run.model).items()})
         run.zeroshot_state = ZeroShotWeights(state.base, config)
+        # the saved weights' bounds: the zero-shot weights' largest values, the same for a straight run, a resumed
+        # one and every link of a chain: the model itself at a fresh start, else rebuilt from the state's base (the
+        # weights at hand if that cannot be)
+        start = base_state_dict(run.model)
+        if self.resumed is not None or state.completed:
+            try:
+                start = run.zeroshot_state()
+            except (UserError, OSError):
+                pass
+        self.guard = WeightsGuard({f"model/{k}": v for k, v in start.items()})
         run.task_settings = {spec.dataset: settings for spec, settings in zip(self.specs, self.settings)}
         evaluator.learned_heads = run.heads
         for name, entry in prepared.heads.items():
