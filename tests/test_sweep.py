@@ -300,3 +300,19 @@ def test_the_evaluation_sample_follows_eval_sample_seed_not_the_training_seed(tm
 
     assert zero_shot("--seed", "1", "--eval-sample-seed", "7") == zero_shot("--seed", "2", "--eval-sample-seed", "7")
     assert zero_shot("--seed", "1") != zero_shot("--seed", "3")
+
+
+def test_a_seed_sweep_keeps_one_evaluation_sample(tmp_path):
+    """mtil.sweep --seeds over a command with --max-evaluation-size gives every point the first seed's sample (found
+    in review: only mtil.main --seeds did); without the sample flag nothing is added."""
+    from mtil.sweep.command import Planner, parse_base
+    from mtil.sweep.grid import Point
+
+    sampled = parse_base("python -m mtil.main --model micro-vit --train-dataset ToyShape --iterations 1 "
+                         "--max-evaluation-size 8 --device cpu")
+    planner = Planner(sampled, [], True, sample_seed=3)
+    for seed in (3, 4):
+        argv = planner.command(Point({}, seed), tmp_path / f"seed{seed}").argv
+        assert argv[argv.index("--eval-sample-seed") + 1] == "3" and argv[argv.index("--seed") + 1] == str(seed)
+    whole = parse_base("python -m mtil.main --model micro-vit --train-dataset ToyShape --iterations 1 --device cpu")
+    assert "--eval-sample-seed" not in Planner(whole, [], True, sample_seed=3).command(Point({}, 4), tmp_path).argv

@@ -86,7 +86,8 @@ def plan(options: argparse.Namespace) -> tuple[list[PointCommand], list[str], di
         raise UserError("nothing to sweep: give --grid FLAG=V1,V2 (or --grid-file, --variant) and/or --seeds")
     base = parse_base(options.base)
     variants = next((dict(zip(a.values, a.bundles)) for a in axes if a.key == VARIANT_AXIS and a.bundles), None)
-    planner = Planner(base, [a.key for a in axes], options.seeds is not None, variants)
+    planner = Planner(base, [a.key for a in axes], options.seeds is not None, variants,
+                      sample_seed=options.seeds[0] if options.seeds else None)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")

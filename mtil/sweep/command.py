@@ -79,9 +79,12 @@ class Planner:
     """Builds and checks every point's command against the base command (mtil's parser for an mtil command)."""
 
     def __init__(self, base: BaseCommand, keys: list[str], seeds: bool,
-                 variants: dict[str, tuple[str, ...]] | None = None):
+                 variants: dict[str, tuple[str, ...]] | None = None, sample_seed: int | None = None):
         self.base = base
         self.variants = variants or {}
+        # --eval-sample-seed for every point of a seed sweep whose command samples its evaluation
+        # (--max-evaluation-size): the spread over seeds is then the training's, not the sample's
+        self.sample_seed = sample_seed
         self.notes: list[str] = []
         self.actions: dict[str, argparse.Action] = {}
         if not base.mtil:
@@ -176,5 +179,9 @@ class Planner:
                 uses_shots = any(t == "--shots" or t.startswith("--shots=") for t in self.base.program + flags)
             seed = str(point.seed)
             flags += ["--seed", seed] + (["--fewshot-seed", seed] if uses_shots else [])
+            names = {t.split("=")[0].replace("_", "-") for t in flags}
+            if self.base.mtil and self.sample_seed is not None and "--max-evaluation-size" in names \
+                    and "--eval-sample-seed" not in names:  # one evaluation sample for every seed
+                flags += ["--eval-sample-seed", str(self.sample_seed)]
         args = self._parse(point, flags + tail) if self.base.mtil else None
         return PointCommand(point, [*self.base.program, *flags, *tail], save, args)
