@@ -225,7 +225,11 @@ def translate_imo(argv: Sequence[str]) -> list[str]:
             out.append(token)
             index += 1
     if lr is not None:
-        batch = next((out[i + 1] for i, t in enumerate(out[:-1]) if t in ("--batch-size", "--batch_size")), None)
+        batch = None
+        for i, t in enumerate(out):  # the last one given wins, as in argparse; --batch_size=40 or --batch_size 40
+            name, _, inline = t.partition("=")
+            if name in ("--batch-size", "--batch_size"):
+                batch = inline if inline else (out[i + 1] if i + 1 < len(out) else None)
         try:
             total = int(batch) * _world_size() if batch is not None else None
             peak = float(lr) * total / DINO_LR_BATCH if total is not None else None

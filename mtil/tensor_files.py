@@ -231,6 +231,6 @@ def file_damage(path: str | os.PathLike, what: str = "file") -> str | None:
     or None when it is intact."""
     try:
         load_tensors(path, what)
-    except DamagedFile as exc:
+    except (DamagedFile, UnreadableFile) as exc:
         return str(exc)
     return None

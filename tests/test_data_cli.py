@@ -313,6 +313,27 @@ def test_prepare_uses_an_archive_the_user_downloaded(tmp_path, capsys, monkeypat
     assert (location / DTD_URL_FILE).read_bytes() == dtd_archive  # the user's file is back where it was
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_symlinked_download_stays_where_it_was(relative, tmp_path, capsys, monkeypatch, downloads, dtd_archive):
+    """Found in review: a download kept as a symbolic link (to a big disk) was moved, then deleted with the work
+    folder; a relative link broke when moved."""
+    small(monkeypatch, "DTD", classes=3, train=6, test=6)
+    downloads.served[DTD_URL_FILE] = dtd_archive
+    store = tmp_path / "big"
+    store.mkdir()
+    (store / DTD_URL_FILE).write_bytes(dtd_archive)
+    location = tmp_path / "data"
+    location.mkdir()
+    link = location / DTD_URL_FILE
+    link.symlink_to(Path("..") / "big" / DTD_URL_FILE if relative else store / DTD_URL_FILE)
+    code, out, err = run(capsys, "prepare", "DTD", "--data-location", str(location))
+    assert code == 0, err
+    assert downloads.log == [(DTD_URL_FILE, "reused")]
+    assert check("DTD", location).state == PRESENT
+    assert link.is_symlink() and link.read_bytes() == dtd_archive  # the link, where it was, still good
+    assert (store / DTD_URL_FILE).read_bytes() == dtd_archive
+
+
 def test_prepare_refuses_damaged_data_in_the_way_before_writing(tmp_path, capsys, monkeypatch, downloads):
     fx.make_dtd(tmp_path, num_classes=3, per_class=2)
     small(monkeypatch, "DTD", classes=3, train=6, test=6)

@@ -85,6 +85,8 @@ def test_the_imo_seeds_dino_command_takes_its_meaning(monkeypatch, capsys):
     assert options.lr == pytest.approx(3.75e-4) and options.warmup_teacher_epochs == 3
     assert (options.epochs, options.batch_size, options.momentum_teacher) == (10, 40, 0.9998)
     assert "peak --lr 0.000375" in capsys.readouterr().err
+    equals = translate_imo(["--adapter_train", "--batch_size=40", "--lr=0.0008", "--data", "ToyShape"])
+    assert equals[-2:] == ["--lr", "0.000375"]  # --batch_size=40 read too: 0.0008 x 40 x 3 processes / 256
     assert translate_imo(["--data", "ToyShape", "--lr", "0.0008", "--save", "x"]) == \
         ["--data", "ToyShape", "--lr", "0.0008", "--save", "x"]  # mtil's own spelling: --lr is the peak
 

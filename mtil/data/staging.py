@@ -67,12 +67,19 @@ class Staging:
         return sorted(r for r in kept if (self.root / r).exists())
 
     def bring(self, original: Path, relative: str) -> None:
-        """Move the user's file ``original`` into the work folder at ``relative`` (recorded first)."""
+        """Move the user's file ``original`` into the work folder at ``relative`` (recorded first). A symbolic link
+        stays where it is: the work folder gets a link of its own to the same file (moving a link would break a
+        relative one, and restoring it compared the link's target with the link)."""
+        target = self.root / relative
+        if Path(original).is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            target.symlink_to(Path(original).resolve())
+            return
         moved = self.moved()
-        moved[relative] = str(Path(original).resolve())
+        moved[relative] = os.path.abspath(original)
         with atomic_open(self.root / MOVED) as handle:
             json.dump(moved, handle, indent=1)
-        target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(original, target)
 
@@ -82,7 +89,7 @@ class Staging:
         for relative, original in self.moved().items():
             original = Path(original)
             for current in (self.root / relative, self.location / relative):
-                if current.is_file() and current.resolve() != original:
+                if current.is_file() and not current.is_symlink() and Path(os.path.abspath(current)) != original:
                     original.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(current, original)
                     break
