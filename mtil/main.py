@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = no_space_error(None, cause) if cause is not None else path_error(exc)
         if error is None:
             raise
-        _error(error)
+        _error(str(error))
         return 2
     except KeyboardInterrupt:
         print("mtil: interrupted", file=sys.stderr)
