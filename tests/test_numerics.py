@@ -188,3 +188,14 @@ def test_the_explosion_bound_is_the_same_after_a_resume(tmp_path, monkeypatch):
     run_killed_at(monkeypatch, argv, [], 5)
     assert main(argv) == 0
     assert len(starts) == 2 and starts[0] == starts[1]
+
+
+def test_half_precision_weights_are_checked_in_float32():
+    """Found in review: the fused norm of an fp16 tensor is fp16 and overflows at 65 504, so a finite tensor was
+    refused as exploded and the first tensor named instead."""
+    from mtil.finite import first_nonfinite
+
+    assert first_nonfinite([("a.weight", torch.zeros(3, dtype=torch.float16)),
+                            ("running_var", torch.full((2048,), 2000.0, dtype=torch.float16))]) is None
+    assert first_nonfinite([("a", torch.ones(3, dtype=torch.bfloat16)),
+                            ("b", torch.tensor([math.nan], dtype=torch.float16))]) == "b is not finite"
