@@ -370,8 +370,11 @@ def test_a_signal_during_start_up_is_a_stop_request_not_death(tmp_path, signum):
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode in expected, (proc.returncode, out)
         outputs.append(out)
-    assert f"stopped by {signal.Signals(signum).name} at ToyShape step 1" in outputs[0]
-    assert load(save / "latest.pth")["state"]["step"] == 1
+    # the request is met at the first boundary after start-up: the zero-shot row (before training began, a stop
+    # request waited for step 1)
+    assert f"stopped by {signal.Signals(signum).name} after the zero-shot row" in outputs[0]
+    state = load(save / "latest.pth")["state"]
+    assert state["zero_shot_evaluated"] and state["step"] == 0 and state["completed"] == []
 
 
 def test_a_second_ctrl_c_quits_at_once():
