@@ -43,17 +43,23 @@ def _launched_rank() -> int:
     return 0
 
 
-def check_command_line(argv: Sequence[str]) -> int | None:
-    """Every check of ``argv`` that needs no file (what ``python -m mtil.launch`` runs before starting workers):
-    the exit code when the command is answered here (``--help``: 0; a refusal, printed in one line: 2), else None."""
+def _answer_early(argv: Sequence[str]) -> tuple[list[str], int | None]:
+    """``argv`` with the CLIP-AST seeds' spellings and Dassl overrides in mtil's names, and the exit code when it is
+    answered before the model code is imported (no arguments, --help, a flag error: mtil.cli_spec), else None."""
     try:
         argv = translate_main(list(argv))
     except UserError as exc:
         _error(str(exc))
-        return 2
-    quick = quick_answer(argv)
-    if quick is not None:
-        return quick
+        return list(argv), 2
+    return argv, quick_answer(argv)
+
+
+def check_command_line(argv: Sequence[str]) -> int | None:
+    """Every check of ``argv`` that needs no file (what ``python -m mtil.launch`` runs before starting workers):
+    the exit code when the command is answered here (``--help``: 0; a refusal, printed in one line: 2), else None."""
+    argv, early = _answer_early(argv)
+    if early is not None:
+        return early
     try:
         from mtil.args import parse_args
 
@@ -69,15 +75,9 @@ def check_command_line(argv: Sequence[str]) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run mtil; bad input ends in one line on stderr and exit code 2, never a traceback. No arguments, --help and
     a flag that does not exist are answered before the model code is imported (mtil.cli_spec)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        argv = translate_main(argv)  # the CLIP-AST seeds' spellings and Dassl overrides, in mtil's names
-    except UserError as exc:
-        _error(str(exc))
-        return 2
-    quick = quick_answer(argv)
-    if quick is not None:
-        return quick
+    argv, early = _answer_early(sys.argv[1:] if argv is None else argv)
+    if early is not None:
+        return early
     try:
         from mtil.args import parse_args  # imports every method, hence torch: seconds
 
