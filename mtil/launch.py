@@ -99,9 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = failure.exitcode if failure.exitcode > 0 else 1
         if code in EXPECTED_EXITS and EXPECTED_EXITS[code]:
             print(f"mtil.launch: {EXPECTED_EXITS[code]}", file=sys.stderr)
-        elif code == 2 and rank != 0:  # mtil's refusal that rank 0 did not meet: only rank 0 prints mtil's line
-            print(f"mtil.launch: rank {rank} stopped on an error rank 0 did not meet (exit code 2); run that rank's "
-                  f"command alone, or with --verbose, to see it", file=sys.stderr)
+        elif code == 2:  # mtil's refusal: rank 0 printed its line, or this says the line another rank left
+            said = {r: str(f.message) for r, f in exc.failures.items() if str(f.message).startswith("mtil: error:")}
+            if 0 not in said:
+                other = min(said) if said else rank
+                print(f"{said[other]} (rank {other})" if said else
+                      f"mtil.launch: rank {rank} stopped with exit code 2", file=sys.stderr)
         elif code not in EXPECTED_EXITS:
             print(f"mtil.launch: rank {rank} stopped with exit code {code} (its output is above)", file=sys.stderr)
         return code

@@ -19,9 +19,28 @@ from mtil.seed_flags import translate_main
 
 def _error(message: str) -> None:
     """The one error line (a line break in a file name or value stays on it); under torchrun or srun only rank 0
-    says it, as the other ranks meet the same error."""
+    says it, as the other ranks meet the same error. Under torchrun every rank also leaves it in its error file
+    (``TORCHELASTIC_ERROR_FILE``), where ``python -m mtil.launch`` (and torchrun's own report) find it: an error
+    only another rank met is said by the launcher."""
+    line = "mtil: error: " + message.replace("\r", "\\r").replace("\n", "\\n")
     if _launched_rank() == 0:
-        print("mtil: error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        print(line, file=sys.stderr)
+    _leave_for_the_launcher(line)
+
+
+def _leave_for_the_launcher(line: str) -> None:
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as handle:
+            json.dump({"message": line, "timestamp": int(time.time())}, handle)
+    except OSError:
+        pass  # the line on rank 0's stderr is what counts
 
 
 def _launched_rank() -> int:

@@ -65,3 +65,18 @@ def test_only_rank_0_speaks_under_torchrun_and_srun(monkeypatch, capsys):
     assert main(argv) == 2 and capsys.readouterr().err == ""  # srun's rank 1: silent
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert main(argv) == 2 and "only training runs on several processes" in capsys.readouterr().err
+
+
+def test_an_error_only_another_rank_meets_is_said_by_the_launcher(tmp_path):
+    """Only rank 0 prints mtil's line; an error rank 0 does not meet (e.g. a GPU missing for local rank 2) reaches
+    the user through the rank's error file (found in review: it was said by nobody)."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text("import os, sys\n"
+                      "from mtil.main import _error\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    _error('only rank 1 meets this')\n"
+                      "    sys.exit(2)\n")
+    done = _launch(str(script))
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["mtil: error: only rank 1 meets this (rank 1)"], lines
