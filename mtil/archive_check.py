@@ -54,9 +54,7 @@ def check_archive(path: str | os.PathLike) -> ArchiveCheck:
                 return ArchiveCheck(f"not a complete zip archive ({str(exc)[:60] or type(exc).__name__})")
             with archive:
                 infos = archive.infolist()
-            size = os.fstat(handle.fileno()).st_size
-            if size == 0:
-                return ArchiveCheck("empty file")
+            size = os.fstat(handle.fileno()).st_size  # not 0: an empty file is no zip archive (refused above)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 return _check_records(data, infos, size)
     except OSError as exc:
