@@ -93,9 +93,13 @@ class FeatureStore:
         except Exception as exc:  # any damage: a truncated file, changed bytes, a foreign pickle, wrong contents
             self.damaged += 1
             self.misses += 1
-            reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {str(exc)[:120]}"
-            _warn(f"feature cache file {path} cannot be used ({reason[:200]}); the features are computed again and "
-                  f"replace it")
+            # mtil's own message names the file already and is whole (cutting it at a fixed length lost its end
+            # under a long path); a foreign exception is cut, since it may quote a whole pickle
+            if isinstance(exc, UserError):
+                message = f"{exc}, so it cannot be used"
+            else:
+                message = f"feature cache file {path} cannot be used ({type(exc).__name__}: {str(exc)[:120]})"
+            _warn(f"{message}; the features are computed again and replace it")
             return None
         self.hits += 1
         return features, labels
