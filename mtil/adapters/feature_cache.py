@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from mtil.atomic import atomic_open
 from mtil.errors import UserError
+from mtil.models.backend import image_spec
 from mtil.tensor_files import load_tensors, save_tensors
 
 FORMAT = "mtil-features"
@@ -40,7 +41,10 @@ def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the image encoder's state (what image features depend on)."""
     digest = hashlib.sha256()
     visual = getattr(model, "visual", model)
-    digest.update(f"{type(visual).__name__}:{getattr(visual, 'input_resolution', '')}".encode())
+    if hasattr(visual, "input_resolution"):  # clip-anytorch's towers: the key entries kept before back-ends
+        digest.update(f"{type(visual).__name__}:{visual.input_resolution}".encode())
+    else:  # open_clip's: its preprocessing too (SigLIP normalises differently)
+        digest.update(f"{type(visual).__module__}.{type(visual).__name__}:{image_spec(model)}".encode())
     for name, tensor in visual.state_dict().items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"|{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())

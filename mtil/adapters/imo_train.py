@@ -58,7 +58,8 @@ from mtil.errors import UserError
 from mtil.hardware import set_threads
 from mtil.models.imo_adapter import (add_imo_adapters, encode_image_with, imo_adapters, imo_state,
                                      save_imo_adapters)
-from mtil.models.transforms import BICUBIC, CLIP_MEAN, CLIP_STD, train_transform
+from mtil.models.backend import image_spec
+from mtil.models.transforms import ImageSpec, train_transform
 from mtil.seeding import seed_everything
 
 MODES = ("supervised", "dino")
@@ -251,13 +252,13 @@ def _rgb(image):
 class MultiCrop:
     """DINO's augmentation: a PIL image -> [global 1, global 2, local 1 .. local N] tensors at CLIP's resolution."""
 
-    def __init__(self, resolution: int, local_crops: int):
+    def __init__(self, spec: ImageSpec, local_crops: int):
         jitter = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                   T.RandomGrayscale(p=0.2)]
-        finish = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+        finish = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
 
         def crop(scale):
-            return [_rgb, T.RandomResizedCrop(resolution, scale=scale, interpolation=BICUBIC)]
+            return [_rgb, T.RandomResizedCrop(spec.resolution, scale=scale, interpolation=spec.mode)]
 
         self.global_1 = T.Compose(crop(GLOBAL_SCALE) + jitter + [_Blur(1.0)] + finish)
         self.global_2 = T.Compose(crop(GLOBAL_SCALE) + jitter + [_Blur(0.1), _Solarize(0.2)] + finish)
@@ -348,9 +349,8 @@ def prepare(settings: ImoSettings, env: DistributedEnv) -> Prepared:
     loaded = load_clip(settings.model, clip_root=settings.clip_root, device="cpu", seed=settings.seed)
     clip = loaded.model
     add_imo_adapters(clip, width=settings.width, scale=settings.scale, dropout=settings.dropout)  # refuses a ResNet
-    resolution = clip.visual.input_resolution
-    augment = train_transform(resolution) if settings.mode == "supervised" else \
-        MultiCrop(resolution, settings.local_crops)
+    spec = image_spec(clip)
+    augment = train_transform(spec) if settings.mode == "supervised" else MultiCrop(spec, settings.local_crops)
     train_set = data.dataset("train", augment)
     per_process = len(train_set) // env.world_size
     if per_process < settings.batch_size:

@@ -107,8 +107,9 @@ class Method:
     def train_items(self, run: "Run", task: "TaskContext") -> tuple[Dataset, Callable | None, Callable | None]:
         """(raw dataset, per-item transform, collate_fn) for this task's training stream (the method's)."""
         from mtil.models.transforms import train_transform
+        from mtil.models.backend import image_spec
 
-        return task.data.raw("train"), train_transform(run.model.visual.input_resolution), None
+        return task.data.raw("train"), train_transform(image_spec(run.model)), None
 
     def task_steps(self, run: "Run", task: "TaskContext", steps: int) -> int:
         """How many optimiser steps this task trains; ``steps`` is its own length (``--iterations`` or

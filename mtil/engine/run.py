@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from clip.model import CLIP
 
 from mtil.datasets.base import TaskData
 from mtil.engine.precision import autocast
@@ -61,7 +60,7 @@ class TaskContext:
 @dataclass
 class Run:
     config: argparse.Namespace
-    model: CLIP
+    model: nn.Module
     arch: Architecture
     device: torch.device
     state: TrainingState

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from clip.model import CLIP
+import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 
 from mtil.errors import UserError
 from mtil.models.text import encode_texts
 from mtil.models.transforms import eval_transform
+from mtil.models.backend import image_spec
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -38,11 +39,11 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 @torch.no_grad()
-def classify_image(model: CLIP, image: Image.Image, classnames: list[str], prompt: str) -> list[tuple[str, float]]:
+def classify_image(model: nn.Module, image: Image.Image, classnames: list[str], prompt: str) -> list[tuple[str, float]]:
     """(class name, probability) pairs, most probable first."""
     device = next(model.parameters()).device
     model.eval()
-    pixels = eval_transform(model.visual.input_resolution)(image).unsqueeze(0).to(device)
+    pixels = eval_transform(image_spec(model))(image).unsqueeze(0).to(device)
     image_features = F.normalize(model.encode_image(pixels).float(), dim=-1)
     text_features = encode_texts(model, [prompt.format(name) for name in classnames])
     probabilities = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)[0]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from clip.model import CLIP
+import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from mtil.datasets.base import TaskData
@@ -15,6 +15,7 @@ from mtil.evaluation.sampling import balanced_sample
 from mtil.models.heads import Head, ZeroShotHead
 from mtil.models.text import zeroshot_head
 from mtil.models.transforms import eval_transform
+from mtil.models.backend import image_spec
 from mtil.parallel import SINGLE, Parallel
 
 
@@ -47,7 +48,7 @@ class ZeroShotEvaluator:
     split and on a ``part`` of its classes (``base``, ``new``: among that part's class prompts only).
     """
 
-    def __init__(self, model: CLIP, *, data_location: str | Path = "data", download: bool = False,
+    def __init__(self, model: nn.Module, *, data_location: str | Path = "data", download: bool = False,
                  batch_size: int = 128, workers: int = 2, max_size: int | None = None, seed: int = 0,
                  autocast_dtype: torch.dtype | None = None):
         self.model = model
@@ -114,7 +115,7 @@ class ZeroShotEvaluator:
         key = (name, split, part)
         if key not in self._loaders:
             task = self.task(name, part)
-            dataset = task.dataset(split, eval_transform(self.model.visual.input_resolution))
+            dataset = task.dataset(split, eval_transform(image_spec(self.model)))
             if self.max_size is not None and self.max_size < len(dataset):
                 dataset = Subset(dataset, balanced_sample(task.targets(split), self.max_size, self.seed))
             if self.parallel.distributed:  # this rank's batches: exactly those one process would form

@@ -13,6 +13,7 @@ from mtil.datasets.captions import open_caption_dataset
 from mtil.engine.method import Method
 from mtil.models.text import tokenize
 from mtil.models.transforms import train_transform
+from mtil.models.backend import image_spec
 from mtil.registry import register
 
 
@@ -31,7 +32,7 @@ class Contrastive(Method):
 
     def train_items(self, run, task):
         raw = open_caption_dataset(task.name, run.config.data_location)
-        return raw, train_transform(run.model.visual.input_resolution), _collate
+        return raw, train_transform(image_spec(run.model)), _collate
 
     def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
         images, captions = batch

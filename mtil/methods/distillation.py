@@ -6,8 +6,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from clip.model import CLIP
+import torch.nn as nn
 
+from mtil.models.backend import pads_freely
 from mtil.models.text import encode_texts, trim_padding
 
 
@@ -20,7 +21,7 @@ def distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, T: float
     return (t.exp() * (t - s)).sum(dim=-1).mean() * T * T
 
 
-def frozen_copy(model: CLIP) -> CLIP:
+def frozen_copy(model: nn.Module) -> nn.Module:
     """A teacher: a deep copy with no gradients, in eval mode."""
     teacher = copy.deepcopy(model)
     teacher.requires_grad_(False)
@@ -44,7 +45,8 @@ class SentenceFeatures:
         self.features: torch.Tensor | None = None
         self.computations = 0
 
-    def compute(self, teacher: CLIP, sentences: Sequence[str] | torch.Tensor, context_length: int) -> torch.Tensor:
+    def compute(self, teacher: nn.Module, sentences: Sequence[str] | torch.Tensor,
+                context_length: int) -> torch.Tensor:
         with torch.no_grad():
             if isinstance(sentences, torch.Tensor):  # random token ids: wrap in start/end tokens
                 device = next(teacher.parameters()).device
@@ -53,7 +55,7 @@ class SentenceFeatures:
                 tokens[:, 0] = 49406
                 tokens[:, 1:1 + length] = sentences[:, :length]
                 tokens[:, 1 + length] = 49407
-                tokens = trim_padding(tokens)
+                tokens = trim_padding(tokens) if pads_freely(teacher) else tokens
                 feats = []
                 for start in range(0, len(tokens), 256):
                     feats.append(F.normalize(teacher.encode_text(tokens[start:start + 256].to(device)).float(), dim=-1))
@@ -84,7 +86,7 @@ class TeacherImageFeatures:
         return len(self.rows)
 
     @torch.no_grad()
-    def lookup(self, teacher: CLIP, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    def lookup(self, teacher: nn.Module, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """Features of ``images`` (their dataset ``indices``): cached rows, the teacher's forward for the rest.
         New rows are not kept here: :meth:`remember` keeps them (under several processes, every rank's rows in the
         batch's draw order, so every rank's cache is the same)."""

@@ -40,6 +40,7 @@ from mtil.models.embedding_adapter import (
     adapted_class_weight,
 )
 from mtil.models.text import encode_texts
+from mtil.models.backend import embed_dim
 from mtil.registry import register
 
 SEED_OFFSET = 4_099  # adapter initialisation seed = --seed + this + task index (global random streams untouched)
@@ -164,7 +165,7 @@ class EmbeddingAdapterMethod(Method):
                                     f"classes, so at most {classes - 1} other classes can be mined per class")
 
     def check_model(self, model) -> None:
-        dim = model.text_projection.shape[1]
+        dim = embed_dim(model)
         if self.config.adapter_rank > dim:
             raise UserError(f"--adapter-rank {self.config.adapter_rank}: the embeddings of --model "
                             f"{self.config.model} have {dim} dimensions, so the rank is at most {dim}")
@@ -185,7 +186,7 @@ class EmbeddingAdapterMethod(Method):
             param.requires_grad_(False)
         mode = cfg.train_mode
         generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET + run.state.task_index)
-        self.adapter = EmbeddingAdapter(model.text_projection.shape[1], cfg.adapter_rank, cfg.adapter_scaling,
+        self.adapter = EmbeddingAdapter(embed_dim(model), cfg.adapter_rank, cfg.adapter_scaling,
                                         float(model.logit_scale.detach()), image=mode in ("whole", "image"),
                                         text=mode in ("whole", "text"), generator=generator).to(run.device)
         self.task_name = task.name

@@ -11,6 +11,7 @@ from mtil.engine.method import Method
 from mtil.models.heads import LinearHead
 from mtil.models.train_modes import LINEAR_HEAD_MODES, LinearHeadClassifier, PromptClassifier, image_features
 from mtil.models.transforms import eval_transform
+from mtil.models.backend import image_spec
 from mtil.registry import register
 
 
@@ -50,7 +51,7 @@ class Finetune(Method):
     @torch.no_grad()
     def _cached_features(self, run, task) -> TensorDataset:
         """fc mode: the image encoder is frozen, so every training image is encoded once per task."""
-        images = task.data.dataset("train", eval_transform(run.model.visual.input_resolution))
+        images = task.data.dataset("train", eval_transform(image_spec(run.model)))
         loader = DataLoader(images, batch_size=run.config.batch_size_eval, num_workers=run.config.workers)
         was_training = run.model.training
         run.model.eval()

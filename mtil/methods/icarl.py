@@ -26,6 +26,7 @@ from mtil.flags import add_flag, positive_int
 from mtil.methods.distillation import frozen_copy
 from mtil.methods.reference_distillation import ReferenceDistillation
 from mtil.models.transforms import eval_transform
+from mtil.models.backend import image_spec
 from mtil.registry import register
 
 
@@ -105,7 +106,7 @@ class ICaRL(ReferenceDistillation):
     @torch.no_grad()
     def _encode_training_images(self, run, task) -> torch.Tensor:
         """Image features of the task's training images (this rank's batches, gathered in order)."""
-        dataset = task.data.dataset("train", eval_transform(run.model.visual.input_resolution))
+        dataset = task.data.dataset("train", eval_transform(image_spec(run.model)))
         size, parallel = self.config.batch_size_eval, run.parallel
         if parallel.distributed:
             batches = parallel.batch_range(-(-len(dataset) // size))

@@ -25,6 +25,7 @@ from mtil.engine.tasks import steps_for
 from mtil.models.text import tokenize
 from mtil.models.train_modes import LINEAR_HEAD_MODES, TRAIN_MODES, image_features, trains_image, trains_text
 from mtil.models.transforms import train_transform
+from mtil.models.backend import image_spec
 from mtil.registry import register
 
 
@@ -78,7 +79,7 @@ class Joint(Method):
     def train_items(self, run, task):
         if getattr(self, "_tokens", None) is None:
             return super().train_items(run, task)
-        return self._mixture, train_transform(run.model.visual.input_resolution), None
+        return self._mixture, train_transform(image_spec(run.model)), None
 
     def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
         images, labels = batch

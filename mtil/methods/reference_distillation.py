@@ -36,6 +36,7 @@ from mtil.methods.distillation import (SentenceFeatures, TeacherImageFeatures, d
 from mtil.methods.finetune import Finetune
 from mtil.models.clip_loading import model_names
 from mtil.models.transforms import eval_transform
+from mtil.models.backend import image_spec
 from mtil.registry import register
 
 REF_STREAM_OFFSET = 1_000_000  # stream ids of reference batches never collide with training streams
@@ -156,7 +157,7 @@ class ReferenceDistillation(Finetune):
             return None
         if self._ref_iter is None:
             task = run.task
-            loader = batch_stream(_Images(self._ref_data), eval_transform(run.model.visual.input_resolution),
+            loader = batch_stream(_Images(self._ref_data), eval_transform(image_spec(run.model)),
                                   batch_size=self.config.ref_batch_size or task.settings.batch_size,
                                   seed=self.config.seed, stream=REF_STREAM_OFFSET + run.state.task_index,
                                   start_step=run.state.step, total_steps=task.total_steps,

@@ -66,7 +66,8 @@ from mtil.adapters.tip_imo import IMOFeatures, TipIMOHead
 from mtil.flags import add_flag, positive_float, positive_int
 from mtil.models.heads import Head
 from mtil.models.imo_adapter import check_imo_fits, read_imo_file
-from mtil.models.transforms import BICUBIC, CLIP_MEAN, CLIP_STD
+from mtil.models.backend import image_spec
+from mtil.models.transforms import ImageSpec, as_image_spec
 from mtil.registry import register
 
 DEFAULT_ALPHAS = [0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0]  # the original's range 0.1-3, coarse
@@ -81,11 +82,12 @@ def _rgb(image):
     return image.convert("RGB")
 
 
-def augment_transform(resolution: int) -> T.Compose:
-    """The cache's augmentation (Tip-Adapter's): RandomResizedCrop scale 0.5-1 + horizontal flip, CLIP's
+def augment_transform(spec: ImageSpec | int) -> T.Compose:
+    """The cache's augmentation (Tip-Adapter's): RandomResizedCrop scale 0.5-1 + horizontal flip, the model's
     normalisation."""
-    return T.Compose([T.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip(p=0.5), _rgb, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    spec = as_image_spec(spec)
+    return T.Compose([T.RandomResizedCrop(spec.resolution, scale=(0.5, 1.0), interpolation=spec.mode),
+                      T.RandomHorizontalFlip(p=0.5), _rgb, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 class AugmentedViews(Dataset):
@@ -182,17 +184,17 @@ class TipAdapter(Method):
         feature store when it has them."""
         cfg, evaluator = self.config, run.evaluator
         protocol = evaluator.fewshot
-        resolution = run.model.visual.input_resolution
+        spec = image_spec(run.model)
         descriptor = {"dataset": task.name, "split": "train", "part": protocol.training_part,
                       "features": encoder.feature_id, "fewshot": protocol.describe(), "augment": AUGMENTATION,
-                      "views": cfg.tip_augment_views, "augment_seed": cfg.seed, "resolution": resolution}
+                      "views": cfg.tip_augment_views, "augment_seed": cfg.seed, "resolution": spec.resolution}
         store = evaluator.feature_store
         if store is not None:
             found = store.load(run.model, evaluator.model_version, descriptor)
             if found is not None:
                 return found[0].to(run.device), found[1].to(run.device)
         raw = task.data.raw("train")
-        views = AugmentedViews(raw, augment_transform(resolution), cfg.seed, cfg.tip_augment_views)
+        views = AugmentedViews(raw, augment_transform(spec), cfg.seed, cfg.tip_augment_views)
         loader = DataLoader(views, batch_size=cfg.batch_size_eval, shuffle=False, num_workers=cfg.workers,
                             pin_memory=run.device.type == "cuda")
         was_training = run.model.training

@@ -4,15 +4,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from clip import clip as clip_api
-from clip.model import CLIP
+
+from mtil.models.backend import embed_dim, pads_freely, raw_tokens
 
 
-def tokenize(model: CLIP, texts: Sequence[str]) -> torch.Tensor:
-    """Tokenize to the model's own context length, truncating long sentences (captions can be long), then trim
-    the padding after the batch's longest sentence (see :func:`trim_padding`)."""
-    return trim_padding(clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True))
+def tokenize(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    """Tokenize with the model's tokenizer to its own context length, truncating long sentences (captions can be
+    long), then trim the padding after the batch's longest sentence where that is exact (see :func:`trim_padding`
+    and :func:`mtil.models.backend.pads_freely`)."""
+    tokens = raw_tokens(model, texts)
+    return trim_padding(tokens) if pads_freely(model) else tokens
 
 
 def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
@@ -27,24 +30,25 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
 
-def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def encode_texts(model: nn.Module, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text features of ``texts`` (no gradient), on the model's device. Sentences are encoded in
     order of length, each batch trimmed to its longest (:func:`trim_padding`), and returned in the given order."""
     device = next(model.parameters()).device
-    tokens = clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True)
+    tokens = raw_tokens(model, texts)
+    trim = trim_padding if pads_freely(model) else (lambda batch: batch)
     order = tokens.argmax(dim=-1).argsort(stable=True)
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = trim_padding(tokens[order[start:start + batch_size]]).to(device)
+            batch = trim(tokens[order[start:start + batch_size]]).to(device)
             out.append(F.normalize(model.encode_text(batch).float(), dim=-1))
     if not out:
-        return torch.empty(0, model.text_projection.shape[1], device=device)
+        return torch.empty(0, embed_dim(model), device=device)
     features = torch.cat(out)
     return features[order.argsort().to(device)]
 
 
-def zeroshot_head(model: CLIP, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def zeroshot_head(model: nn.Module, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """D x C head: per class, encode every template, normalise, average, renormalise (CLIP's ensemble)."""
     texts = [template.format(name) for name in classnames for template in templates]
     features = encode_texts(model, texts).view(len(classnames), len(templates), -1)

@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from clip.model import CLIP
 
 from mtil.errors import UserError
 from mtil.models.heads import LinearHead
@@ -65,7 +64,7 @@ def trainable_names(model: nn.Module, mode: str, freeze: Sequence[str] | None = 
     return [n for n, _ in model.named_parameters() if wanted_by_mode(n, mode, freeze)]
 
 
-def select_trainable(model: CLIP, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
+def select_trainable(model: nn.Module, mode: str, freeze: Sequence[str] | None = None) -> list[str]:
     """Set ``requires_grad`` per the mode (and ``--freeze`` patterns); returns the trainable parameter names."""
     trainable = set(trainable_names(model, mode, freeze))
     for name, param in model.named_parameters():
@@ -73,7 +72,7 @@ def select_trainable(model: CLIP, mode: str, freeze: Sequence[str] | None = None
     return [n for n, _ in model.named_parameters() if n in trainable]
 
 
-def image_features(model: CLIP, images: torch.Tensor, with_grad: bool) -> torch.Tensor:
+def image_features(model: nn.Module, images: torch.Tensor, with_grad: bool) -> torch.Tensor:
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         return F.normalize(model.encode_image(images), dim=-1)
 
@@ -84,7 +83,7 @@ class PromptClassifier(nn.Module):
     When the text encoder is frozen the class text features are computed once, here, without gradient.
     """
 
-    def __init__(self, model: CLIP, classnames: Sequence[str], template: str, mode: str):
+    def __init__(self, model: nn.Module, classnames: Sequence[str], template: str, mode: str):
         super().__init__()
         self.model = model
         self.mode = mode
@@ -109,7 +108,7 @@ class PromptClassifier(nn.Module):
 class LinearHeadClassifier(nn.Module):
     """Image encoder (trainable or not) followed by a :class:`LinearHead` (image-fc, image-fc-fixed modes)."""
 
-    def __init__(self, model: CLIP, head: LinearHead, mode: str):
+    def __init__(self, model: nn.Module, head: LinearHead, mode: str):
         super().__init__()
         self.model, self.head, self.mode = model, head, mode
         head.requires_grad_(mode != "image-fc-fixed")

@@ -1,5 +1,9 @@
-"""Image preprocessing matched to a model's input resolution (as in the CLIP and ZSCL papers)."""
+"""Image preprocessing matched to a model (as in the CLIP and ZSCL papers): its input resolution, and the mean,
+standard deviation and interpolation its back-end trained with (OpenAI's for clip-anytorch models; open_clip
+records its own per model, e.g. SigLIP's 0.5/0.5)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torchvision import transforms as T
 
@@ -8,26 +12,47 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model expects of an image: square side in pixels, normalisation and resize interpolation."""
+
+    resolution: int
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    interpolation: str = "bicubic"
+
+    @property
+    def mode(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
+
+
+def as_image_spec(spec: ImageSpec | int) -> ImageSpec:
+    """``spec``, or for an int the spec of a clip-anytorch model of that resolution."""
+    return spec if isinstance(spec, ImageSpec) else ImageSpec(int(spec))
+
+
 def _to_rgb(image):
     return image.convert("RGB")
 
 
-def eval_transform(resolution: int) -> T.Compose:
-    """Resize (bicubic) + center crop + CLIP normalisation."""
+def eval_transform(spec: ImageSpec | int) -> T.Compose:
+    """Resize + center crop + normalisation (an int: a clip-anytorch model of that resolution)."""
+    spec = as_image_spec(spec)
     return T.Compose([
-        T.Resize(resolution, interpolation=BICUBIC),
-        T.CenterCrop(resolution),
+        T.Resize(spec.resolution, interpolation=spec.mode),
+        T.CenterCrop(spec.resolution),
         _to_rgb,
         T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
+        T.Normalize(spec.mean, spec.std),
     ])
 
 
-def train_transform(resolution: int) -> T.Compose:
-    """RandomResizedCrop (scale 0.9-1, bicubic) + CLIP normalisation: the paper's training augmentation."""
+def train_transform(spec: ImageSpec | int) -> T.Compose:
+    """RandomResizedCrop (scale 0.9-1) + normalisation: the paper's training augmentation."""
+    spec = as_image_spec(spec)
     return T.Compose([
-        T.RandomResizedCrop(resolution, scale=(0.9, 1.0), interpolation=BICUBIC),
+        T.RandomResizedCrop(spec.resolution, scale=(0.9, 1.0), interpolation=spec.mode),
         _to_rgb,
         T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
+        T.Normalize(spec.mean, spec.std),
     ])
