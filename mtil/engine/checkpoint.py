@@ -302,14 +302,14 @@ def load_resumable(path: str | Path) -> dict[str, Any]:
             missing.append("a valid config")
     if missing:
         raise UserError(f"cannot resume from {path}: it lacks {', '.join(missing)} (damaged or not written by mtil)")
-    from mtil.models.clip_loading import weights_architecture
+    from mtil.models.clip_loading import weights_record
     from mtil.models.heads import head_from_state
 
     if not isinstance(payload["arch"], dict):  # None would read as "no record" below
         raise UserError(f"cannot resume from {path}: its recorded architecture is {type(payload['arch']).__name__}, "
                         f"not a dict (damaged or not written by mtil)")
     try:  # the weights are tensors of the recorded architecture (a damaged record never builds a giant model)
-        weights_architecture(payload["model"], payload["arch"], "its weights")
+        weights_record(payload["model"], payload["arch"], "its weights")
     except UserError as exc:
         raise UserError(f"cannot resume from {path}: {exc}") from None
     heads = payload.get("heads")

@@ -15,8 +15,7 @@ from mtil.engine.run import TaskSettings
 from mtil.engine.tasks import has_length
 from mtil.errors import UserError
 from mtil.evaluation.metrics_io import short_name, short_name_clashes
-from mtil.models.architectures import Architecture
-from mtil.models.clip_loading import build_clip
+from mtil.models.clip_loading import ModelRecord, build_model
 from mtil.models.train_modes import trainable_names
 from mtil.parallel import check_batch_sizes
 
@@ -73,7 +72,7 @@ def check_data(config: argparse.Namespace, datasets: Sequence[str], components: 
         raise UserError("; ".join(dict.fromkeys(problems)))
 
 
-def check_model(config: argparse.Namespace, arch: Architecture, components: Sequence[Method]) -> None:
+def check_model(config: argparse.Namespace, arch: ModelRecord, components: Sequence[Method]) -> None:
     """Settings that depend on the model's structure: --freeze patterns, something left to train, and each
     component's own (OGD's tracked weights, LoRA's targets and trainable adapters). They run on twins built on
     the meta device (names and shapes, no memory)."""
@@ -81,7 +80,7 @@ def check_model(config: argparse.Namespace, arch: Architecture, components: Sequ
 
     def twin() -> torch.nn.Module:
         with torch.device("meta"):  # a fresh one each: a component may modify its own (LoRA injects)
-            return build_clip(arch)
+            return build_model(arch)
 
     if not any(c.trains_instead_of_clip for c in components):
         names = trainable_names(twin(), config.train_mode, config.freeze)  # also checks the --freeze patterns

@@ -17,7 +17,7 @@ from mtil.engine.task_start import TaskStartWeights
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.flags import (half_open_unit, label_smoothing, non_negative_float, non_negative_int, positive_float,
                         positive_int)
-from mtil.models.architectures import Architecture
+from mtil.models.clip_loading import ModelRecord
 from mtil.models.heads import Head
 from mtil.parallel import SINGLE, Parallel
 
@@ -61,7 +61,7 @@ class TaskContext:
 class Run:
     config: argparse.Namespace
     model: nn.Module
-    arch: Architecture
+    arch: ModelRecord  # what a checkpoint records as "arch" to rebuild the model
     device: torch.device
     state: TrainingState
     evaluator: ZeroShotEvaluator

@@ -43,8 +43,8 @@ from mtil.evaluation.report_writer import REPORTS_FOLDER, ReportWriter
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.folder_lock import FolderLock, refuse_if_held
 from mtil.hardware import announce_device, resolve_device
-from mtil.models.architectures import Architecture
-from mtil.models.clip_loading import load_clip, model_from_state_dict
+from mtil.models.backend import logit_bias
+from mtil.models.clip_loading import ModelRecord, load_clip, model_from_record, record_from_dict
 from mtil.models.heads import head_from_state, head_state
 from mtil.models.lora import base_state_dict
 from mtil.tensor_files import payload_tensors
@@ -62,7 +62,7 @@ class Prepared:
     """What the checks built, handed to the run once nothing is left to refuse."""
 
     model: torch.nn.Module
-    arch: Architecture
+    arch: ModelRecord
     device: torch.device
     state: TrainingState
     source: str
@@ -117,7 +117,7 @@ class SequenceRunner:
     def check_data(self) -> None:
         checks.check_data(self.config, [s.dataset for s in self.specs], self.components)
 
-    def check_model(self, arch: Architecture) -> None:
+    def check_model(self, arch: ModelRecord) -> None:
         checks.check_model(self.config, arch, self.components)
 
     def _fresh(self, device: torch.device) -> Prepared:
@@ -151,8 +151,8 @@ class SequenceRunner:
         saved = saved_run.payload if saved_run is not None else None
         if saved_run is not None:
             self.resumed_from, self.latest_is_good = saved_run.path, saved_run.is_latest
-            arch = Architecture.from_dict(saved["arch"])
-            prepared = Prepared(model_from_state_dict(saved["model"], arch).to(device), arch, device,
+            arch = record_from_dict(saved["arch"])
+            prepared = Prepared(model_from_record(saved["model"], arch).to(device), arch, device,
                                 TrainingState.from_dict(saved["state"]), f"resumed from {self.resumed_from}",
                                 saved.get("heads", {}))
         else:
@@ -333,6 +333,9 @@ class SequenceRunner:
         select_trainable(run.model, config.train_mode, None if instead else config.freeze)
         if self.method.trains_logit_scale:
             run.model.logit_scale.requires_grad_(True)
+            bias = logit_bias(run.model)  # SigLIP's trains with its scale
+            if bias is not None:
+                bias.requires_grad_(True)
         if self.method.training_free:
             for param in run.model.parameters():
                 param.requires_grad_(False)

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtil.models.backend import encode_text
 from mtil.atomic import atomic_open
 from mtil.engine.data_stream import batch_stream
 from mtil.engine.method import Method
@@ -365,7 +366,7 @@ class CLIPAST(Method):
     def _teacher_text(self) -> torch.Tensor:
         if self._frozen_text is None:
             with torch.no_grad():
-                self._frozen_text = F.normalize(self.teacher.encode_text(self.tokens), dim=-1)
+                self._frozen_text = F.normalize(encode_text(self.teacher, self.tokens), dim=-1)
         return self._frozen_text
 
     def loss(self, run, batch: Any) -> dict[str, torch.Tensor]:
@@ -373,7 +374,7 @@ class CLIPAST(Method):
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         model, weights = run.model, self.config.lmbd
         image = F.normalize(model.encode_image(images), dim=-1)
-        text = F.normalize(model.encode_text(self.tokens), dim=-1)
+        text = F.normalize(encode_text(model, self.tokens), dim=-1)
         logits = model.logit_scale.exp().detach() * image @ text.T
         losses = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.config.ls)}
         if not any(weights):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn as nn
 
-from mtil.models.backend import pads_freely
+from mtil.models.backend import encode_text, pads_freely
 from mtil.models.text import encode_texts, trim_padding
 
 
@@ -58,7 +58,7 @@ class SentenceFeatures:
                 tokens = trim_padding(tokens) if pads_freely(teacher) else tokens
                 feats = []
                 for start in range(0, len(tokens), 256):
-                    feats.append(F.normalize(teacher.encode_text(tokens[start:start + 256].to(device)).float(), dim=-1))
+                    feats.append(F.normalize(encode_text(teacher, tokens[start:start + 256].to(device)).float(), dim=-1))
                 self.features = torch.cat(feats)
             else:
                 self.features = encode_texts(teacher, list(sentences))

@@ -25,7 +25,7 @@ from mtil.engine.tasks import steps_for
 from mtil.models.text import tokenize
 from mtil.models.train_modes import LINEAR_HEAD_MODES, TRAIN_MODES, image_features, trains_image, trains_text
 from mtil.models.transforms import train_transform
-from mtil.models.backend import image_spec
+from mtil.models.backend import encode_text, image_spec
 from mtil.registry import register
 
 
@@ -87,7 +87,7 @@ class Joint(Method):
         mode = run.config.train_mode
         features = image_features(run.model, images, with_grad=trains_image(mode))
         with torch.set_grad_enabled(trains_text(mode)):
-            text = F.normalize(run.model.encode_text(self._tokens), dim=-1)
+            text = F.normalize(encode_text(run.model, self._tokens), dim=-1)
         logits = run.model.logit_scale.exp().detach() * features @ text.T
         sample_task = self._task_of_class[labels]
         total = logits.new_zeros(())

@@ -39,6 +39,7 @@ from mtil.models.lora import (
     merge_lora,
     resolve_targets,
 )
+from mtil.models.backend import logit_bias
 from mtil.models.train_modes import (
     CLIP_TRAINING_MODES,
     is_image_param,
@@ -153,12 +154,14 @@ class LoraAdapters(Component):
         model = run.model
         if has_lora(model):  # a task left unmerged (cannot happen in a run; be safe for hand-made flows)
             merge_lora(model)
-        logit_scale_trains = model.logit_scale.requires_grad
+        logit_params = [model.logit_scale, *([bias] if (bias := logit_bias(model)) is not None else [])]
+        logit_trains = [p.requires_grad for p in logit_params]
         inject_lora(model, self.settings, seed=self.config.seed + SEED_OFFSET + run.state.task_index)
         self.model = model
         mode = self.config.train_mode
         self._mark_trainable(model)
-        model.logit_scale.requires_grad_(logit_scale_trains)
+        for param, trains in zip(logit_params, logit_trains):  # as the method asked
+            param.requires_grad_(trains)
         s = self.settings
         message = (f"LoRA on {task.name}: {count_trainable(model):,} trainable parameters (r {s.r}, alpha {s.alpha:g}, "
                    f"targets {','.join(s.targets)}{', shared' if s.shared else ''}"

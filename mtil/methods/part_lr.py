@@ -28,7 +28,7 @@ from mtil.registry import register
 
 PARTS = ("vision", "text", "proj")
 PROJECTIONS = frozenset({"visual.proj", "visual.attnpool.c_proj.weight", "visual.attnpool.c_proj.bias",
-                         "text_projection", "logit_scale"})
+                         "text_projection", "logit_scale", "logit_bias"})  # logit_bias: SigLIP's (open_clip)
 FLAGS = {part: f"lr_mult_{part}" for part in PARTS}
 
 

@@ -55,6 +55,14 @@ def raw_tokens(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
     return clip_api.tokenize(list(texts), context_length=model.context_length, truncate=True)
 
 
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` of token ids, also trimmed ones (:func:`mtil.models.text.trim_padding`): open_clip's
+    own encode_text takes only the full context length."""
+    if backend_name(model) == OPEN_CLIP_BACKEND:
+        return _open_clip().encode_text(model, tokens)
+    return model.encode_text(tokens)
+
+
 def pads_freely(model: nn.Module) -> bool:
     """True when the padding after a sentence's end-of-text token never reaches its feature (a causal text
     transformer read at the end-of-text token: OpenAI's CLIP), so padding may be trimmed; False for SigLIP's text

@@ -1,6 +1,9 @@
-"""Build or load a CLIP model: OpenAI names (through clip-anytorch), local files, tiny test architectures.
+"""Build or load a CLIP model: OpenAI names (through clip-anytorch), local files, tiny test architectures, and
+open_clip's models (``open_clip:ARCH[/PRETRAINED]``, :mod:`mtil.models.open_clip_backend`).
 
-Everything ends as a float32 ``clip.model.CLIP`` on the requested device, plus a note of where it came from.
+Everything ends as a float32 model on the requested device (a ``clip.model.CLIP``, or open_clip's), plus its
+record (an :class:`Architecture` or an ``OpenClipSpec``: what a checkpoint saves as ``"arch"`` to rebuild it) and
+a note of where it came from.
 Weights files are read with ``weights_only=True`` (no arbitrary code); OpenAI's TorchScript archives are read as
 data by ``torchscript_weights`` (``torch.jit.load`` would run the archive's code, so mtil never calls it).
 """
@@ -21,6 +24,7 @@ from mtil.errors import UserError
 from mtil.flags import did_you_mean
 from mtil.finite import first_nonfinite
 from mtil.models import toyclip
+from mtil.models.open_clip_backend import build_open_clip, is_open_clip_name
 from mtil.models.torchscript_weights import NotTorchScript, is_torchscript_archive, read_torchscript_tensors
 from mtil.tensor_files import DamagedFile, payload_tensors, read_tensor_file
 from mtil.models.architectures import (
@@ -33,10 +37,13 @@ from mtil.models.architectures import (
 DOWNLOAD_TIMEOUT_S = 20
 
 
+ModelRecord = Any  # an Architecture (clip-anytorch) or an open_clip_backend.OpenClipSpec; both have to_dict()
+
+
 @dataclass
 class LoadedModel:
-    model: CLIP
-    arch: Architecture
+    model: torch.nn.Module
+    arch: ModelRecord
     source: str
     checkpoint: dict[str, Any] = field(default_factory=dict)  # the rest of an mtil checkpoint, if one was loaded
 
@@ -210,9 +217,17 @@ STRUCTURE = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "
              "transformer_width", "transformer_layers")
 
 
-def check_model_matches(name: str, arch: Architecture, load: str) -> None:
+def check_model_matches(name: str, arch: ModelRecord, load: str) -> None:
     """A ``--model`` typed beside ``--load`` must name the loaded architecture (the file's decides the model, so a
     different name would be ignored silently)."""
+    from mtil.models.open_clip_backend import parse_name
+
+    held = None if isinstance(arch, Architecture) else f"open_clip:{arch.arch}"
+    if is_open_clip_name(name) or (held and name in ALL_ARCHITECTURES):
+        if held is None or not is_open_clip_name(name) or parse_name(name)[0] != arch.arch:
+            raise UserError(f"--load {load} holds a{'n' if held else ''} {held or 'clip-anytorch'} model, not "
+                            f"--model {name}: drop --model (the file decides the architecture) or load another file")
+        return
     if name in ALL_ARCHITECTURES:
         expected = ALL_ARCHITECTURES[name]
         if any(getattr(expected, f) != getattr(arch, f) for f in STRUCTURE):
@@ -220,6 +235,47 @@ def check_model_matches(name: str, arch: Architecture, load: str) -> None:
                                                                       for f in STRUCTURE)]
             raise UserError(f"--load {load} holds a {matches[0] if matches else 'different'} model, not --model "
                             f"{name}: drop --model (the file decides the architecture) or load another file")
+
+
+def is_open_clip_record(recorded: Any) -> bool:
+    return isinstance(recorded, Mapping) and "backend" in recorded and recorded.get("backend") != "clip"
+
+
+def record_from_dict(recorded: Mapping[str, Any]) -> ModelRecord:
+    """The model record a checkpoint saved as ``"arch"`` (records without ``backend`` are clip-anytorch's)."""
+    if is_open_clip_record(recorded):
+        from mtil.models.open_clip_backend import OpenClipSpec
+
+        return OpenClipSpec.from_dict(recorded)
+    return Architecture.from_dict(recorded)
+
+
+def build_model(record: ModelRecord) -> torch.nn.Module:
+    """A model of ``record`` with fresh weights (also on the meta device: the structure without memory)."""
+    if isinstance(record, Architecture):
+        return build_clip(record)
+    from mtil.models.open_clip_backend import build_from_spec
+
+    return build_from_spec(record)
+
+
+def model_from_record(state_dict: dict[str, torch.Tensor], record: ModelRecord) -> torch.nn.Module:
+    """The model ``record`` describes, holding ``state_dict``."""
+    if isinstance(record, Architecture):
+        return model_from_state_dict(state_dict, record)
+    from mtil.models.open_clip_backend import model_from_spec
+
+    return model_from_spec(record.to_dict(), state_dict)
+
+
+def weights_record(state_dict: Any, recorded: Any = None, source: str = "weights") -> ModelRecord:
+    """:func:`weights_architecture` for either back-end: an open_clip record is checked against the weights when
+    the model is built from it."""
+    if is_open_clip_record(recorded):
+        from mtil.models.open_clip_backend import check_weights
+
+        return check_weights(recorded, state_dict, source)
+    return weights_architecture(state_dict, recorded, source)
 
 
 def load_clip(
@@ -241,11 +297,15 @@ def load_clip(
     checkpoint: dict[str, Any] = {}
     if load:
         state_dict, checkpoint = read_weights_file(load)
-        arch = weights_architecture(state_dict, checkpoint.get("arch"), f"--load {load}")
+        arch = weights_record(state_dict, checkpoint.get("arch"), f"--load {load}")
         if name_given:
             check_model_matches(name, arch, load)
-        model = model_from_state_dict(state_dict, arch)
+        model = model_from_record(state_dict, arch)
         loaded = LoadedModel(model, arch, f"file {load}", checkpoint)
+    elif is_open_clip_name(name):
+        model, spec = build_open_clip(name, clip_root=clip_root, untrained=untrained, seed=seed)
+        weights = f"weights {spec.pretrained}" if spec.pretrained else "random weights"
+        loaded = LoadedModel(model, spec, f"open_clip {spec.arch} with {weights}")
     elif name == toyclip.TOYCLIP and not untrained:
         state_dict, arch = toyclip.read_asset()
         loaded = LoadedModel(model_from_state_dict(state_dict, arch), arch, f"{name} (the built-in pre-trained "
@@ -263,10 +323,11 @@ def load_clip(
         loaded = LoadedModel(model, architecture_from_state_dict(state_dict), f"OpenAI {name} from {path}")
     elif Path(name).is_file():
         state_dict, checkpoint = read_weights_file(name)
-        arch = weights_architecture(state_dict, checkpoint.get("arch"), f"--model {name}")
-        loaded = LoadedModel(model_from_state_dict(state_dict, arch), arch, f"file {name}", checkpoint)
+        arch = weights_record(state_dict, checkpoint.get("arch"), f"--model {name}")
+        loaded = LoadedModel(model_from_record(state_dict, arch), arch, f"file {name}", checkpoint)
     else:
         raise UserError(f"unknown --model {name!r}{did_you_mean(name, model_names())}; valid names: "
-                        f"{', '.join(model_names())}, or a path to a weights file")
+                        f"{', '.join(model_names())}, open_clip:ARCH[/PRETRAINED] (e.g. open_clip:mtil-tiny-vit), "
+                        f"or a path to a weights file")
     loaded.model.to(device)
     return loaded

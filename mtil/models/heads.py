@@ -91,8 +91,12 @@ class LinearHead(Head):
     def from_zeroshot(cls, model, classnames: Sequence[str], templates: Sequence[str]) -> "LinearHead":
         from mtil.models.text import zeroshot_head
 
+        from mtil.models.backend import logit_bias
+
         head = zeroshot_head(model, classnames, templates)  # D x C, normalised columns
-        return cls(model.logit_scale.exp().detach().cpu() * head.T.cpu()).to(head.device)
+        bias = logit_bias(model)  # SigLIP's: the head's logits are the model's own
+        bias = None if bias is None else bias.detach().cpu().float().reshape(-1)[0].expand(head.shape[1])
+        return cls(model.logit_scale.exp().detach().cpu() * head.T.cpu(), bias).to(head.device)
 
     @property
     def num_classes(self) -> int:

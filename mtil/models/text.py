@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtil.models.backend import embed_dim, pads_freely, raw_tokens
+from mtil.models.backend import embed_dim, encode_text, pads_freely, raw_tokens
 
 
 def tokenize(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
@@ -41,7 +41,7 @@ def encode_texts(model: nn.Module, texts: Sequence[str], batch_size: int = 256) 
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = trim(tokens[order[start:start + batch_size]]).to(device)
-            out.append(F.normalize(model.encode_text(batch).float(), dim=-1))
+            out.append(F.normalize(encode_text(model, batch).float(), dim=-1))
     if not out:
         return torch.empty(0, embed_dim(model), device=device)
     features = torch.cat(out)

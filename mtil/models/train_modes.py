@@ -1,7 +1,7 @@
 """Train modes: which CLIP parameters train, and the classifier that turns images into class logits.
 
 | mode           | trains                                                             |
-| whole          | both encoders, embeddings and projections (not logit_scale)        |
+| whole          | both encoders, embeddings and projections (not logit_scale/bias)   |
 | image          | the image encoder only; text features are computed once, no grad   |
 | text           | the text encoder only; image features computed without gradient    |
 | image-fc       | image encoder + a linear head initialised from the zero-shot head x s |
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtil.models.backend import encode_text
 from mtil.errors import UserError
 from mtil.models.heads import LinearHead
 from mtil.models.text import tokenize
@@ -26,12 +27,16 @@ LINEAR_HEAD_MODES = ("image-fc", "image-fc-fixed", "fc")
 CLIP_TRAINING_MODES = tuple(m for m in TRAIN_MODES if m != "fc")  # the modes in which CLIP's own weights train
 
 
+# The temperature (and SigLIP's logit bias, open_clip) belong to neither encoder: only a method that asks trains them.
+LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
+
+
 def is_image_param(name: str) -> bool:
     return name.startswith("visual.")
 
 
 def is_text_param(name: str) -> bool:
-    return not is_image_param(name) and name != "logit_scale"
+    return not is_image_param(name) and name not in LOGIT_PARAMETERS
 
 
 def trains_image(mode: str) -> bool:
@@ -93,12 +98,12 @@ class PromptClassifier(nn.Module):
         self._frozen_text: torch.Tensor | None = None
         if not trains_text(mode):
             with torch.no_grad():
-                self._frozen_text = F.normalize(model.encode_text(self.tokens), dim=-1)
+                self._frozen_text = F.normalize(encode_text(model, self.tokens), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         if self._frozen_text is not None:
             return self._frozen_text
-        return F.normalize(self.model.encode_text(self.tokens), dim=-1)
+        return F.normalize(encode_text(self.model, self.tokens), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = image_features(self.model, images, with_grad=trains_image(self.mode))
