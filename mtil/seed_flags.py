@@ -134,22 +134,24 @@ def translate_main(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _switches() -> set[str] | None:
-    """mtil.main's flags that take no value (from mtil.cli_spec; None when the spec is stale)."""
+def _switches() -> set[str]:
+    """mtil.main's flags that take no value: from mtil.cli_spec, or from the full parser when the spec is stale
+    (an edited source; slower, but the same answer)."""
     from mtil.cli_spec import load_spec
 
     spec = load_spec()
-    if spec is None:
-        return None
-    return {option for flag in spec["flags"] if flag["nargs"] == 0 for option in flag["options"]}
+    if spec is not None:
+        return {option for flag in spec["flags"] if flag["nargs"] == 0 for option in flag["options"]}
+    from mtil.args import build_parser
+
+    return {option for action in build_parser()._actions if action.nargs == 0 for option in action.option_strings}
 
 
-def _value_of_previous(out: list[str], switches: set[str] | None) -> bool:
-    """Whether the next token is the value of the option just before it (``--save RUN.1``), not a Dassl key. Without
-    the spec every ``--flag`` counts as taking a value: a key right after a switch is then read as its value."""
+def _value_of_previous(out: list[str], switches: set[str]) -> bool:
+    """Whether the next token is the value of the option just before it (``--save RUN.1``), not a Dassl key."""
     if not out or not out[-1].startswith("--") or "=" in out[-1]:
         return False
-    return switches is None or out[-1] not in switches
+    return out[-1] not in switches
 
 
 def _is_dassl_key(token: str) -> bool:
