@@ -31,9 +31,19 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
                      name_given="model" in getattr(args, "_cli", ()))
 
 
+def _model_name(args: argparse.Namespace, loaded: LoadedModel) -> str:
+    """The model evaluated: ``--model`` as typed, else what a ``--load`` file holds (its run's ``--model`` when mtil
+    wrote it), never the flag's default, which names a model that was not used."""
+    if not args.load or "model" in getattr(args, "_cli", ()):
+        return args.model
+    recorded = (loaded.checkpoint.get("config") or {}).get("model")
+    return recorded if isinstance(recorded, str) and recorded else f"file {args.load}"
+
+
 def _resolved_config(args: argparse.Namespace, loaded: LoadedModel) -> dict:
     record = config_for_checkpoint(settings_of(args), roles=args._roles)
-    return {**record, "model_source": loaded.source, "device": str(next(loaded.model.parameters()).device)}
+    return {**record, "model": _model_name(args, loaded), "model_source": loaded.source,
+            "device": str(next(loaded.model.parameters()).device)}
 
 
 def _learned_heads(loaded: LoadedModel, device) -> dict:
@@ -124,8 +134,8 @@ def _report_writer(args: argparse.Namespace, loaded: LoadedModel, evaluator: Zer
     from mtil.evaluation.report_writer import FINAL, REPORTS_FOLDER, ReportWriter
 
     method = (loaded.checkpoint.get("config") or {}).get("method")  # what trained the checkpoint, if it says
-    writer = ReportWriter(Path(args.save) / REPORTS_FOLDER, {"model": args.model, "load": loaded.source,
-                                                             "method": method, "eval_only": True}, suffix=label)
+    header = {"model": _model_name(args, loaded), "load": loaded.source, "method": method, "eval_only": True}
+    writer = ReportWriter(Path(args.save) / REPORTS_FOLDER, header, suffix=label)
     writer.attach(evaluator).begin(FINAL, after_task=None, iteration=iteration)
     return writer
 

@@ -67,7 +67,7 @@ class Method:
 
     @classmethod
     def run_label(cls, config: argparse.Namespace) -> str | None:
-        """This class's part of the run's label (``finetune+ema``, ``ZSCL+we+l2``); None: not named in it."""
+        """This class's part of the run's label (``finetune+ema``, ``ZSCL+l2+we``); None: not named in it."""
         return cls.name
 
     @classmethod
@@ -182,5 +182,5 @@ class Component(Method):
 
 def run_label(components: list[Method], config: argparse.Namespace) -> str:
     """The method and the components that change what it computes, joined by '+': what summary.csv, the tables and
-    the plots call the run (``finetune+ema``, ``ZSCL+we+l2``), so that such runs are told apart."""
+    the plots call the run (``finetune+ema``, ``ZSCL+l2+we``), so that such runs are told apart."""
     return "+".join(label for component in components if (label := type(component).run_label(config)))

@@ -1,4 +1,4 @@
-"""SLURM preemption: on SIGUSR1 (``#SBATCH --signal=USR1@120``) or SIGTERM, save and exit at the next step."""
+"""SLURM preemption: on SIGUSR1 (``#SBATCH --signal=USR1@90`` as in train.sh) or SIGTERM, save and exit at the next step."""
 from __future__ import annotations
 
 import os

@@ -24,7 +24,7 @@ FAIR_WARMUP_SHARE = 0.1  # ZSCL's recipe: 100 warm-up steps in tasks of 1 000
 
 def fair_warmup(warmup: int, total: int) -> int:
     """``warmup`` cut to a tenth of the task's ``total`` steps (at least one step): the default warm-up of a task
-    too short for it, so that the run reaches its --lr (100 steps over a 20-step task peaked at a tenth of it)."""
+    too short for it, so that the run reaches its --lr (100 steps over a 20-step task ended at a fifth of it)."""
     if total <= 0:
         return warmup
     return min(warmup, max(1, math.ceil(total * FAIR_WARMUP_SHARE)))

@@ -309,7 +309,8 @@ class SequenceRunner:
                                                               with_val=name in state.sequence)
         label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
                                                     f"step {state.step}")
-        _say(run.log, f"[{label}] " + "  ".join(f"{short_name(r['dataset'])} {r['top1']:.2f}" for r in rows))
+        scores = "  ".join(f"{short_name(r['dataset'])} {r['top1']:.2f}" for r in rows)
+        _say(run.log, f"[{label}] {scores or 'nothing to evaluate (--eval-datasets names classification datasets)'}")
         if fewshot_rows:
             _say(run.log, fewshot_report.format_line(label, fewshot_rows))
             self.records.fewshot(after_task, fewshot_rows)

@@ -56,7 +56,9 @@ class Records:
         records of that step replayed (those :meth:`load_state_dict` brought, when they are of that step)."""
         replay = [(self._step, dict(self._at_step))] if resumed_at is not None and self._step == resumed_at \
             and self._at_step else []
-        for tracker in self.trackers:
+        # a tracker that may fail to start (a service: W&B without a login) before those that only write files, so
+        # that its failure leaves none of theirs behind
+        for tracker in sorted(self.trackers, key=lambda t: not t.may_fail_to_start):
             try:
                 tracker.start(self.config_record, resumed_at, replay)
             except Exception as exc:  # noqa: BLE001 - e.g. W&B online without credentials: one line, not a trace

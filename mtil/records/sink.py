@@ -39,6 +39,7 @@ class Sink:
 
     name: ClassVar[str] = ""
     install: ClassVar[str] = ""  # what to install when the tracker is missing, e.g. "pip install tensorboard"
+    may_fail_to_start: ClassVar[bool] = False  # a service that can refuse (W&B without a login): started first
 
     def __init__(self, folder: Path, run_name: str):
         self.folder = Path(folder)  # the run's --save folder

@@ -67,6 +67,7 @@ class WandbSink(Sink):
     run's config."""
 
     name = "wandb"
+    may_fail_to_start = True
     install = "pip install wandb (or pip install 'mtil[trackers]')"
 
     def __init__(self, folder: Path, run_name: str):
@@ -98,10 +99,6 @@ class WandbSink(Sink):
 
         earlier = [] if resumed_at is None else [(s, v) for s, v in _read_journal(self.folder / JOURNAL)
                                                  if s < resumed_at]
-        with atomic_open(self.folder / JOURNAL) as handle:  # what a later resume may need: the steps before N
-            handle.writelines(_journal_line(step, values) for step, values in earlier)
-        self._journal = open(self.folder / JOURNAL, "a", encoding="utf-8")
-
         _wait_past(_newest_log_stamp(root, run_id))  # a log folder's name is its start second: never reuse one
         settings = {} if os.environ.get("WANDB_SILENT") or os.environ.get("WANDB_QUIET") else {"quiet": True}
         options = dict(project=project, entity=entity, dir=str(root), reinit="create_new",
@@ -117,6 +114,10 @@ class WandbSink(Sink):
             self._floor = int(self._run.starting_step)
         elif resumed_at is not None:  # what the earlier logs hold is what `wandb sync` will have sent before
             self._floor = last_logged_step(root, run_id) + 1
+        # the journal after wandb.init: a W&B that cannot start (no login) leaves no file of this run behind
+        with atomic_open(self.folder / JOURNAL) as handle:  # what a later resume may need: the steps before N
+            handle.writelines(_journal_line(step, values) for step, values in earlier)
+        self._journal = open(self.folder / JOURNAL, "a", encoding="utf-8")
         with atomic_open(self.folder / RUN_FILE) as handle:
             json.dump({"id": run_id, "project": project, "entity": self._run.entity or entity}, handle)
         self._run.config.update(json.loads(json.dumps(config, default=str)), allow_val_change=True)
