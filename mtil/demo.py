@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from mtil.flags import DefaultsHelpFormatter
 from mtil.benchmark_checks import check_rows
 from mtil.engine.tasks import NAMED_ORDERS, read_sequence_file
 from mtil.evaluation import matrix as mx
@@ -315,8 +316,7 @@ def experiment(out: Path, methods: list[str], seeds: list[int], order: str, para
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtil.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mtil.demo", description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="ckpt/demo", help="where the runs, summary.csv and comparison.png go")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated, or 'all'; from: " + ", ".join(METHODS))

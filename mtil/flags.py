@@ -211,3 +211,15 @@ def lr_multipliers(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"{item!r}: the factor must be a number of 0 or more")
         out[part] = factor
     return out
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, unless the default is None or the help already states its default
+    (``(default: supervised 128, dino 40)``), and the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings \
+                or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"

@@ -15,8 +15,8 @@ from typing import Sequence
 
 from mtil.errors import UserError, path_error
 from mtil.seed_flags import translate_imo
-from mtil.flags import (_OneLineParser, add_flag, non_negative_float, non_negative_int, open_unit_interval,
-                        positive_float, positive_int, seed_int, worker_count, dropout)
+from mtil.flags import (DefaultsHelpFormatter, _OneLineParser, add_flag, dropout, non_negative_float, non_negative_int,
+                        open_unit_interval, positive_float, positive_int, seed_int, worker_count)
 
 PROG = "python -m mtil.imo"
 
@@ -30,7 +30,7 @@ def _mode_default(key: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from mtil.adapters.imo_train import DINO_DEFAULTS, MODES
 
-    parser = _OneLineParser(prog=PROG, allow_abbrev=False,
+    parser = _OneLineParser(prog=PROG, allow_abbrev=False, formatter_class=DefaultsHelpFormatter,
                             description="Train the IMO adapter (a bottleneck beside the MLP of every block of CLIP's "
                                         "image encoder, CLIP frozen) on a generic image set; writes "
                                         "<save>/imo_adapter.pt and <save>/imo_log.csv.")
