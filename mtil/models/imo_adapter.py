@@ -102,6 +102,11 @@ def _visual(model: nn.Module) -> VisionTransformer:
     visual = model if isinstance(model, VisionTransformer) else getattr(model, "visual", None)
     if isinstance(visual, VisionTransformer):
         return visual
+    from mtil.models.backend import OPEN_CLIP_BACKEND, backend_name
+
+    if backend_name(model) == OPEN_CLIP_BACKEND or type(visual).__module__.startswith("open_clip"):
+        raise UserError("the IMO adapter is built into clip-anytorch's ViT blocks and does not support open_clip "
+                        "models yet: use a clip-anytorch model (an OpenAI name such as ViT-B/16, toyclip, tiny-vit)")
     kind = type(visual).__name__ if visual is not None else type(model).__name__
     raise UserError(f"the IMO adapter needs a ViT image encoder (ViT-B/32, ViT-B/16, ViT-L/14, toyclip, tiny-vit, "
                     f"micro-vit ...); this model's is {kind} (a ResNet CLIP has no transformer blocks to adapt)")

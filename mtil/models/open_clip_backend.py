@@ -2,7 +2,9 @@
 
 Names. ``open_clip:ViT-B-16/laion2b_s34b_b88k`` is open_clip's architecture ``ViT-B-16`` with its pretrained tag
 ``laion2b_s34b_b88k``; ``open_clip:mtil-tiny-vit`` and ``open_clip:mtil-tiny-siglip`` are mtil's own tiny
-configurations (``mtil/assets/open_clip/*.json``, random weights, for tests and benchmarks). PRETRAINED may also be
+configurations (``mtil/assets/open_clip/*.json``, random weights, for tests and benchmarks), and
+``open_clip:mtil-tiny-vit/toyclip`` is that configuration holding the built-in pre-trained ``toyclip`` weights (the
+same architecture and parameter names: the same model through either back-end). PRETRAINED may also be
 a weights file: ``open_clip:ViT-B-16//abs/path/w.safetensors`` or ``open_clip:ViT-B-16/w.safetensors``.
 
 Weights are looked up without the network (open_clip's ``create_model`` would download them, so mtil never calls
@@ -66,6 +68,7 @@ PREFIX = "open_clip:"
 BACKEND = "open_clip"
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "open_clip"
 TINY_NAMES = ("mtil-tiny-vit", "mtil-tiny-siglip")
+TOYCLIP_TAG = ("mtil-tiny-vit", "toyclip")  # toyclip's weights (clip-anytorch tiny-vit) in open_clip's model
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,6 +126,8 @@ def parse_name(name: str) -> tuple[str, str | None]:
         return arch, None
     if not tag:
         raise UserError(f"--model {name}: nothing after '/'; give a pretrained tag or drop the '/'")
+    if (arch, tag) == TOYCLIP_TAG:
+        return arch, tag
     tags = oc.list_pretrained_tags_by_model(arch)
     if oc.pretrained.is_pretrained_cfg(arch, tag):
         return arch, oc.pretrained._clean_tag(tag)
@@ -423,7 +428,12 @@ def build_open_clip(name: str, *, clip_root: str | os.PathLike | None, untrained
     if known_tag and oc.pretrained.get_pretrained_cfg(arch, pretrained).get("quick_gelu"):
         config["quick_gelu"] = True  # e.g. ViT-B-16/openai: open_clip would only warn and build GELU
     weights: Path | None = None
-    if not untrained and pretrained is not None:
+    if not untrained and (arch, pretrained) == TOYCLIP_TAG:
+        from mtil.models import toyclip
+
+        weights = toyclip.ASSET
+        state_dict = toyclip.read_asset()[0]
+    elif not untrained and pretrained is not None:
         weights = _find_weights(arch, pretrained, clip_root) if known_tag else Path(pretrained).expanduser()
         state_dict = _read_weights(weights)
     elif not untrained and arch not in TINY_NAMES:
