@@ -49,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--model", role="model", default="ViT-B/16",
              help="OpenAI CLIP name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14, "
                   "ViT-L/14@336px), toyclip (the built-in benchmark's pre-trained tiny CLIP, shipped with mtil), a "
-                  "tiny test architecture (tiny-vit, tiny-rn, micro-vit; random weights), or a path to a weights file.")
+                  "tiny test architecture (tiny-vit, tiny-rn, micro-vit; random weights), an open_clip model "
+                  "open_clip:ARCH[/PRETRAINED] (e.g. open_clip:ViT-B-16/laion2b_s34b_b88k, "
+                  "open_clip:ViT-B-16-SigLIP/webli; open_clip:mtil-tiny-vit, open_clip:mtil-tiny-siglip for tests; "
+                  "weights from --clip-root or the Hugging Face cache: docs/models.md), or a path to a weights file.")
     add_flag(g, "--clip-root", role="operational", default="clip", path=True,
-             help="Folder holding the OpenAI CLIP weight files; downloads go here when the network allows.")
+             help="Folder holding the OpenAI CLIP weight files (downloads go here when the network allows) and "
+                  "open_clip weights under open_clip/<hub repo id>/.")
     add_flag(g, "--untrained", action="store_true",
              help="Build the named architecture with random weights instead of loading weights.")
     add_flag(g, "--load", default=None, path=True,

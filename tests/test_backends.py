@@ -182,3 +182,31 @@ def test_the_imo_adapter_refuses_an_open_clip_model_in_one_line(tmp_path, capsys
                      "--epochs", "1", "--device", "cpu", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not support open_clip" in err and not (tmp_path / "imo").exists()
+
+
+def test_each_backend_preprocesses_as_its_model_was_trained():
+    from PIL import Image
+
+    from mtil.models.transforms import eval_transform
+
+    siglip = backend.image_spec(load_clip("open_clip:mtil-tiny-siglip", seed=0).model)
+    assert (siglip.mean, siglip.std, siglip.resize_mode) == ((0.5,) * 3, (0.5,) * 3, "squash")
+    assert backend.image_spec(load_clip(OPEN_TOYCLIP).model) == backend.image_spec(load_clip("toyclip").model)
+    wide = Image.new("RGB", (64, 32), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 8, 32))  # a white band at the left edge
+    squashed = eval_transform(siglip)(wide)  # SigLIP: the whole image, squashed; CLIP: the center, cropped
+    cropped = eval_transform(32)(wide)
+    assert squashed.shape == cropped.shape == (3, 32, 32)
+    assert squashed[:, :, 0].mean() > 0.9 and cropped[:, :, 0].mean() < -1.5
+
+
+def test_methods_that_name_parameters_find_siglips_text_tower():
+    from mtil.methods.ast import blocks_of
+    from mtil.methods.part_lr import clip_part
+
+    model = load_clip("open_clip:mtil-tiny-siglip", seed=0).model
+    assert sorted(blocks_of(model)) == ["text.0", "text.1", "visual.0", "visual.1"]  # CLIP-AST: both encoders
+    names = [n for n, _ in model.named_parameters()]
+    assert {clip_part(n) for n in names if n.startswith("text.text_projection")} == {"proj"}
+    assert clip_part("logit_bias") == "proj"
+    assert {clip_part(n) for n in names if n.startswith("text.transformer.")} == {"text"}

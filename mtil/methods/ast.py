@@ -1,10 +1,11 @@
 """``--method ast``: CLIP-AST, adaptive selective fine-tuning (Zhang et al., CVPR 2025), two stages per task.
 
 **Stage 1** (in ``before_task``, on a deep copy of the current model, which is then dropped): every tensor of the
-residual blocks of both encoders (``visual.transformer.resblocks.*``, ``transformer.resblocks.*``; 12 per CLIP
-block) trains with cross-entropy on the task's training stream for ``--stage1-epochs`` passes, under AdamW with
-the reference's settings (lr ``--stage1-lr``, weight decay 1e-4, eps 1e-5, betas 0.9/0.999, constant lr). Each
-tensor's score is ``mean(1 / sqrt(v + eps))`` of AdamW's second moment ``v`` (``exp_avg_sq``, eps 1e-5), and
+residual blocks of both encoders (``visual.transformer.resblocks.*``, ``transformer.resblocks.*``, or open_clip
+SigLIP's ``text.transformer.resblocks.*``; 12 per CLIP block) trains with cross-entropy on the task's training
+stream for ``--stage1-epochs`` passes, under AdamW with the reference's settings (lr ``--stage1-lr``, weight decay
+1e-4, eps 1e-5, betas 0.9/0.999, constant lr). Each tensor's score is ``mean(1 / sqrt(v + eps))`` of AdamW's
+second moment ``v`` (``exp_avg_sq``, eps 1e-5), and
 ``--k`` tensors are selected in every block of each encoder: by default the highest scores (``--ast-rank
 smallest-v``), else the lowest (``largest-v``), or ``--k`` at random (``--random-selection``, its own seed; stage
 1 is then skipped: it could not change the result).
@@ -47,7 +48,9 @@ from mtil.models.text import tokenize
 from mtil.models.train_modes import PromptClassifier
 from mtil.registry import register
 
-BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.")
+# The residual blocks of either encoder: OpenAI's names (clip-anytorch and open_clip's CLIP), and open_clip's
+# CustomTextCLIP (SigLIP) whose text tower lives under ``text.``
+BLOCK = re.compile(r"^(visual\.transformer|transformer|text\.transformer)\.resblocks\.(\d+)\.")
 STAGE1_WEIGHT_DECAY = 1e-4
 STAGE1_EPS = 1e-5  # AdamW's eps in stage 1, and the eps of the importance score
 STAGE1_BETAS = (0.9, 0.999)

@@ -5,7 +5,8 @@ fall in three parts, by name:
 
 * **proj**: the maps into the joint embedding space and the temperature: ``visual.proj`` (ViT), the attention
   pool's output projection ``visual.attnpool.c_proj.weight`` / ``.bias`` (ResNet: its equivalent of
-  ``visual.proj``), ``text_projection``, and ``logit_scale`` (only where a method trains it, e.g. contrastive);
+  ``visual.proj``), ``text_projection`` (open_clip SigLIP's ``text.text_projection``), and ``logit_scale`` (and
+  SigLIP's ``logit_bias``; only where a method trains them, e.g. contrastive);
 * **vision**: every other ``visual.*`` parameter (the image encoder);
 * **text**: every other CLIP parameter (token and positional embeddings, the text transformer, ``ln_final``).
 
@@ -28,7 +29,8 @@ from mtil.registry import register
 
 PARTS = ("vision", "text", "proj")
 PROJECTIONS = frozenset({"visual.proj", "visual.attnpool.c_proj.weight", "visual.attnpool.c_proj.bias",
-                         "text_projection", "logit_scale", "logit_bias"})  # logit_bias: SigLIP's (open_clip)
+                         "text_projection", "logit_scale", "logit_bias",  # logit_bias: SigLIP's (open_clip)
+                         "text.text_projection", "text.text_projection.weight", "text.text_projection.bias"})
 FLAGS = {part: f"lr_mult_{part}" for part in PARTS}
 
 

@@ -37,8 +37,9 @@ def _open_clip():
 def image_spec(model: nn.Module) -> ImageSpec:
     """The resolution, normalisation and interpolation the model's images need."""
     if backend_name(model) == OPEN_CLIP_BACKEND:
-        mean, std, interpolation = _open_clip().preprocess(model)
-        return ImageSpec(_open_clip().image_resolution(model), tuple(mean), tuple(std), interpolation)
+        oc = _open_clip()
+        mean, std, interpolation = oc.preprocess(model)
+        return ImageSpec(oc.image_resolution(model), tuple(mean), tuple(std), interpolation, oc.resize_mode(model))
     return ImageSpec(int(model.visual.input_resolution))
 
 

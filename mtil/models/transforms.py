@@ -14,12 +14,15 @@ BICUBIC = T.InterpolationMode.BICUBIC
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What a model expects of an image: square side in pixels, normalisation and resize interpolation."""
+    """What a model expects of an image: square side in pixels, normalisation, resize interpolation, and how an
+    evaluation image is made square: ``shortest`` (resize the short side, center crop: CLIP's) or ``squash``
+    (resize both sides: SigLIP's)."""
 
     resolution: int
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     @property
     def mode(self) -> T.InterpolationMode:
@@ -36,11 +39,14 @@ def _to_rgb(image):
 
 
 def eval_transform(spec: ImageSpec | int) -> T.Compose:
-    """Resize + center crop + normalisation (an int: a clip-anytorch model of that resolution)."""
+    """Resize + center crop (or a squash to the square) + normalisation (an int: a clip-anytorch model of that
+    resolution)."""
     spec = as_image_spec(spec)
+    side = spec.resolution
+    square = [T.Resize((side, side), interpolation=spec.mode)] if spec.resize_mode == "squash" else \
+        [T.Resize(side, interpolation=spec.mode), T.CenterCrop(side)]
     return T.Compose([
-        T.Resize(spec.resolution, interpolation=spec.mode),
-        T.CenterCrop(spec.resolution),
+        *square,
         _to_rgb,
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
