@@ -210,3 +210,34 @@ def test_methods_that_name_parameters_find_siglips_text_tower():
     assert {clip_part(n) for n in names if n.startswith("text.text_projection")} == {"proj"}
     assert clip_part("logit_bias") == "proj"
     assert {clip_part(n) for n in names if n.startswith("text.transformer.")} == {"text"}
+
+
+def test_a_timm_image_tower_takes_lora_by_timms_names_and_clip_ast_refuses_it(tmp_path, monkeypatch):
+    """SigLIP's and EVA's released models have timm image towers (``visual.trunk.blocks.N.attn.qkv``): LoRA
+    targets them by those names; CLIP-AST, which needs the blocks of both encoders, says why it cannot run."""
+    from open_clip import factory
+
+    from mtil.errors import UserError
+    from mtil.methods.ast import CLIPAST
+    from mtil.models import open_clip_backend as ob
+    from mtil.models.lora import resolve_targets
+
+    ob._open_clip()  # registers mtil's configurations
+    config = json.loads((ob.ASSETS / "mtil-tiny-siglip.json").read_text())
+    config["vision_cfg"] = {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224",
+                            "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "linear"}
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "ViT-B-16-SigLIP", config)
+    model, _ = ob.build_open_clip("open_clip:ViT-B-16-SigLIP", clip_root=tmp_path, untrained=True, seed=0)
+    targets = resolve_targets(model, ["attn.qkv"])
+    assert targets and all(t.startswith("visual.trunk.blocks.") for t in targets)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    model.requires_grad_(False)
+    with torch.no_grad():
+        before = model.encode_image(images)
+    inject_lora(model, LoraSettings(r=2, targets=("attn.qkv",)), seed=0)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), before)  # a fresh adapter changes nothing here either
+    config_args = type("Config", (), {"model": "open_clip:ViT-B-16-SigLIP", "k": 1})()
+    with pytest.raises(UserError, match="timm tower"):
+        CLIPAST.check_model(type("AST", (), {"config": config_args})(), model)

@@ -220,8 +220,11 @@ class CLIPAST(Method):
     def check_model(self, model: nn.Module) -> None:
         blocks = blocks_of(model)
         if not any(b.startswith("visual.") for b in blocks):
+            kind = "a timm tower, whose blocks mtil does not name" if any(
+                n.startswith("visual.trunk.") for n, _ in model.named_parameters()) else "a ResNet, which has none"
             raise UserError(f"--method ast selects tensors in the transformer blocks of both encoders, and the "
-                            f"image encoder of --model {self.config.model} is a ResNet, which has none: use a ViT")
+                            f"image encoder of --model {self.config.model} is {kind}: use a ViT with OpenAI's block "
+                            f"names (clip-anytorch, or open_clip's native ViT)")
         fewest = min(len(names) for names in blocks.values())
         if self.config.k > fewest:
             raise UserError(f"--k {self.config.k}: the residual blocks of --model {self.config.model} have "
