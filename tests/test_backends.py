@@ -241,3 +241,20 @@ def test_a_timm_image_tower_takes_lora_by_timms_names_and_clip_ast_refuses_it(tm
     config_args = type("Config", (), {"model": "open_clip:ViT-B-16-SigLIP", "k": 1})()
     with pytest.raises(UserError, match="timm tower"):
         CLIPAST.check_model(type("AST", (), {"config": config_args})(), model)
+
+
+def test_orthogonal_gradients_project_an_open_clip_models_second_task_off_the_first(tmp_path, monkeypatch):
+    from mtil.methods.ogd import DEFAULT_PATTERNS
+    from tests.test_ogd import _assert_projected, _record_hook
+
+    records: list = []
+    _record_hook(monkeypatch, records)
+    save = tmp_path / "run"
+    assert main(["--model", OPEN_TOYCLIP, *FAST, "--train-dataset", "ToyColorB,ToyColorA", "--iterations", "3",
+                 "--orthogonal-gradients", "2", "--save", str(save)]) == 0
+    names = set(records[0]["before"])
+    assert len(names) == 4 * 2 * 2  # OGD's default matrices x 2 blocks x 2 encoders, found by OpenAI's names
+    assert all(any(n.endswith(p[1:]) for p in DEFAULT_PATTERNS) for n in names)
+    for record in records[:3]:  # task 1: nothing to project yet
+        assert all(torch.equal(record["before"][n], record["after"][n]) for n in names)
+    _assert_projected(records[3:], load(save / "grad_ToyColorB.pth")["basis"])
