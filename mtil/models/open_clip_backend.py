@@ -135,7 +135,7 @@ def parse_name(name: str) -> tuple[str, str | None]:
         return arch, tag
     if not tags:
         raise UserError(f"open_clip architecture {arch} has no pretrained tag {tag!r} (open_clip knows none for it; "
-                        f"give a weights file, or drop /{tag} for random weights)")
+                        f"give a weights file, or drop /{tag} and give --untrained for random weights)")
     raise UserError(f"unknown pretrained tag {tag!r} for open_clip {arch}{did_you_mean(tag, tags)}; "
                     f"its tags: {', '.join(tags)}")
 
@@ -440,7 +440,7 @@ def build_open_clip(name: str, *, clip_root: str | os.PathLike | None, untrained
         tags = oc.list_pretrained_tags_by_model(arch)
         listed = f"one of {', '.join(tags)}" if tags else "a weights file (open_clip knows no tag for it)"
         raise UserError(f"--model {name} needs pretrained weights: name {listed} as {PREFIX}{arch}/TAG, or ask for "
-                        f"random weights explicitly")
+                        f"random weights with --untrained")
     if seed is not None:
         torch.manual_seed(seed)
     model = _instantiate(config)
