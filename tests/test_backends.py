@@ -86,7 +86,9 @@ def test_a_fresh_lora_changes_no_output_of_an_open_clip_model(pair):
         torch.testing.assert_close(model.encode_image(images), adapted, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora"], ["--method", "ast", "--shots", "4"]], ids=["finetune", "lora", "ast"])
+@pytest.mark.parametrize("extra", [[], ["--lora"], ["--method", "ast", "--shots", "4"],
+                                   ["--method", "ZSCL", "--ref-dataset", "ToyShape", "--ref-sentences", "random",
+                                    "--we", "--l2", "1"]], ids=["finetune", "lora", "ast", "zscl+we+l2"])
 def test_a_run_gives_the_same_matrix_and_weights_through_either_backend(extra, tmp_path):
     runs = {}
     for model in ("toyclip", OPEN_TOYCLIP):
@@ -106,6 +108,17 @@ def test_a_run_gives_the_same_matrix_and_weights_through_either_backend(extra, t
             value, other = torch.cat([value.chunk(3)[0], value.chunk(3)[2]]), torch.cat([other.chunk(3)[0],
                                                                                         other.chunk(3)[2]])
         assert torch.allclose(other, value, rtol=1e-4, atol=1e-5), (key, (other - value).abs().max())
+
+
+def test_tip_adapter_gives_the_same_matrix_through_either_backend(tmp_path):
+    cells = []
+    for model in ("toyclip", OPEN_TOYCLIP):
+        save = tmp_path / model.replace(":", "_").replace("/", "_")
+        assert main(["--model", model, "--method", "tip-adapter-f", "--tip-epochs", "2", "--train-dataset",
+                     "ToyColorB", "--shots", "4", "--max-evaluation-size", "40", "--batch-size-eval", "40",
+                     "--workers", "0", "--device", "cpu", "--threads", "1", "--save", str(save)]) == 0
+        cells.append(list(mx.matrix_from_results(save / "results.jsonl")[0]["top1"]))
+    assert cells[0] == cells[1] and len(cells[0]) == 2
 
 
 def test_an_open_clip_run_records_its_backend_resumes_exactly_and_evaluates_from_its_checkpoint(
