@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mtil.errors import UserError
+from mtil.evaluation.label_space import DEFAULT_LABEL_SPACE, LABEL_SPACES, SEEN
 from mtil.flags import (  # noqa: F401 - the flag primitives, re-exported for `from mtil.args import ...`
     INT_MAX, INTEGER_TYPES, LR_PARTS, MAX_WORKERS, ROLES, Switch, _checked, _OneLineParser, _spellings, add_flag,
     dropout, energy_fraction, flags_with_role, half_open_unit, label_smoothing, lr_multipliers, name_list,
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--eval-sample-seed", type=seed_int, default=None, metavar="S",
              help="Seed of --max-evaluation-size's sample (default: --seed). --seeds gives every run the first "
                   "seed's sample, so the spread over seeds is the training's, not the sample's.")
+    add_flag(g, "--label-space", choices=list(LABEL_SPACES), default=DEFAULT_LABEL_SPACE,
+             help="Among which classes a test image is classified. dataset (MTIL's): each test set among its own "
+                  "classes. seen (task-agnostic, X-TAIL's): an image of dataset D among the classes of every task "
+                  "trained so far plus D's own, each dataset's classes their own slots (a same-named class of two "
+                  "datasets is two slots; a hit is the true dataset's class); the zero-shot row and a task's "
+                  "column after that task alone equal dataset's. The matrix, Transfer/Avg/Last and results.jsonl "
+                  "(label_space) follow it. With --eval-only: the tasks the --load checkpoint trained, rows in "
+                  "metrics_<Dataset>_seen.csv. Not with --report, --base-new, or methods whose heads cannot be set "
+                  "side by side (Tip-Adapter, embedding adapter) (docs/guides/evaluation.md).")
     add_flag(g, "--save", role="operational", default=None, metavar="DIR", path=True,
              help="Directory for checkpoints (<Dataset>.pth, latest.pth), metric files (metrics_<Dataset>.csv, "
                   "results.jsonl, accuracy_matrix.csv, summary.csv) and config.yaml. Re-running a command resumes "
@@ -320,7 +330,7 @@ def _changed(args: argparse.Namespace, dest: str) -> bool:
 
 # Evaluation flags that --eval-single (one image, printed) does not use.
 NOT_FOR_ONE_IMAGE = ("save", "eval_datasets", "max_evaluation_size", "batch_size_eval", "eval_interval",
-                     "report")
+                     "report", "label_space")
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -374,6 +384,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if method.training_free:
             inert((*OPTIMISATION_FLAGS, "train_mode", "eval_interval", "checkpoint_interval"),
                   f"--method {args.method} trains nothing (its tasks have zero steps)")
+        if args.label_space == SEEN and method.label_space_seen_refused:
+            raise UserError(f"--label-space seen: --method {args.method} {method.label_space_seen_refused}")
         _check_optimizer_flags(args, cli, parser)
         _check_fewshot_flags(args, cli, method)
         if args.shots is None:
@@ -402,10 +414,22 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.report and not args.eval_single and (args.summarize or not args.save):
         raise UserError("--report writes classification reports of the evaluations under --save DIR/reports: "
                         + ("--summarize evaluates nothing (drop --report)" if args.summarize else "give --save DIR"))
+    if args.label_space == SEEN and not args.eval_single:
+        _check_seen_label_space(args)
     if args.report_to:
         _check_report_to(args)
     if args.eval_single and not args.class_names:
         raise UserError("--eval-single needs --class-names FILE (one class name per line)")
+
+
+def _check_seen_label_space(args: argparse.Namespace) -> None:
+    """--label-space seen: refuse the flags that measure a dataset among its own classes only."""
+    if args.report:
+        raise UserError("--report describes each dataset among its own classes (per-class table, confusion "
+                        "matrix), --label-space seen ranks among every seen task's classes: drop one of them")
+    if args.base_new:
+        raise UserError("--base-new ranks each dataset among its own half of the classes, --label-space seen among "
+                        "every seen task's classes: drop one of them")
 
 
 def _check_report_to(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from mtil.datasets.toyworld import BUILTIN_ORDER
 from mtil.engine.checkpoint import config_for_checkpoint
 from mtil.engine.precision import DTYPES, resolve_precision
 from mtil.errors import UserError
+from mtil.evaluation.label_space import DEFAULT_LABEL_SPACE, SEEN, records_label_space, seen_tasks, summary_label
 from mtil.evaluation.single_image import classify_image, read_class_names, read_image
 from mtil.evaluation.zeroshot import ZeroShotEvaluator, autocast_for
 from mtil.flags import flags_with_role
@@ -57,6 +58,41 @@ def _learned_heads(loaded: LoadedModel, device) -> dict:
     return heads
 
 
+def _seen_of(args: argparse.Namespace, loaded: LoadedModel, heads: dict) -> list[str] | None:
+    """--label-space seen under --eval-only: the classification tasks the checkpoint records as trained (None:
+    --label-space dataset). Refuses (one line, nothing written) a checkpoint that records none, a learned head
+    that cannot join a union, and a method that builds its own task-agnostic head (only its training run can)."""
+    if getattr(args, "label_space", DEFAULT_LABEL_SPACE) != SEEN:
+        return None
+    from mtil.models.heads import joins_union
+
+    completed = (loaded.checkpoint.get("state") or {}).get("completed") or []
+    seen = seen_tasks([str(name) for name in completed])
+    if not seen:
+        raise UserError(f"--label-space seen ranks among the classes of the tasks a checkpoint trained, and "
+                        f"{loaded.source} records none: give --load of an mtil checkpoint of a training run (or "
+                        f"--label-space dataset)")
+    refused = [f"{name} ({head.kind})" for name, head in heads.items() if name in seen and not joins_union(head)]
+    if refused:
+        raise UserError(f"--label-space seen: the heads {loaded.source} learned for {', '.join(refused)} cannot be "
+                        f"set beside other datasets' heads (their own image encoding or logit scale): use "
+                        f"--label-space dataset")
+    trained_by = (loaded.checkpoint.get("config") or {}).get("method")
+    if trained_by:
+        from mtil import registry
+        from mtil.engine.method import Method
+
+        try:
+            method = registry.method_class(str(trained_by))
+        except (KeyError, UserError, ValueError):
+            method = None
+        if method is not None and (method.label_space_seen_refused or
+                                   method.task_agnostic_head is not Method.task_agnostic_head):
+            why = method.label_space_seen_refused or "builds its own task-agnostic head, in its training run only"
+            raise UserError(f"--label-space seen: --method {trained_by} (which trained {loaded.source}) {why}")
+    return seen
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Zero-shot top-1/top-5 of the model on every ``--eval-datasets`` entry; metric files under ``--save``."""
     seed_everything(args.seed)
@@ -83,6 +119,7 @@ def evaluate(args: argparse.Namespace) -> int:
     device = next(loaded.model.parameters()).device
     announce_device(args.device, device)
     heads = _learned_heads(loaded, device)
+    seen = _seen_of(args, loaded, heads)
     if args.wise_ft:
         _wise_ft(args, loaded)
     config = _resolved_config(args, loaded)
@@ -97,6 +134,8 @@ def evaluate(args: argparse.Namespace) -> int:
     # A WiSE-FT blend is another model than the checkpoint: its rows go to their own metric files, never over the
     # checkpoint's own rows of the same iteration (e.g. when evaluating into the training run's folder).
     variant = f"wiseft{args.alpha:g}" if args.wise_ft else ""
+    # --label-space seen is another measure than the checkpoint's own rows: metrics_<Dataset>_seen.csv
+    variant = "_".join(v for v in (variant, SEEN if seen is not None else "") if v)
     save = Path(args.save) if args.save else None
     with FolderLock(save) if save else nullcontext():
         # trackers of an evaluation keep their files apart: a training run's tracker run in the folder stays its own
@@ -106,14 +145,16 @@ def evaluate(args: argparse.Namespace) -> int:
         try:
             records.start()
             reports = _report_writer(args, loaded, evaluator, f"_{variant}" if variant else "", iteration)
+            if seen is not None:
+                print(f"  label space seen: each dataset among its own classes and those of {', '.join(seen)}")
             for name in names:
-                result = evaluator.evaluate(name)
+                result = evaluator.evaluate(name) if seen is None else evaluator.evaluate(name, seen=seen)
                 print(f"  {name:<16} top1 {result.top1:6.2f}%   top5 {result.top5:6.2f}%   ({result.classes} "
                       f"classes, {result.count} images{', learned head' if name in heads else ''})")
                 records.evaluation(result_record(
                     dataset=name, iteration=iteration, top1=result.top1, top5=result.top5, images=result.count,
-                    classes=result.classes, head=result.head, method=trained_by, variant=variant),
-                    task=len(completed))
+                    classes=result.classes, head=result.head, method=trained_by, variant=variant,
+                    label_space=SEEN if seen is not None else DEFAULT_LABEL_SPACE), task=len(completed))
             if reports is not None:
                 reports.finish(names)
             failed = False
@@ -239,6 +280,12 @@ def summarize(args: argparse.Namespace) -> int:
     if long.empty or not order:
         raise UserError(f"--summarize {folder}: results.jsonl holds no after-task evaluations")
     method = args.method if "method" in getattr(args, "_cli", ()) else _recorded_method(results) or args.method
+    from mtil.evaluation.metrics_io import read_result_records
+
+    try:
+        method = summary_label(method, records_label_space(read_result_records(results), str(results)))
+    except UserError as exc:
+        raise UserError(f"--summarize {folder}: {exc}") from None
     with FolderLock(folder, "--summarize"):
         for warning in apply_repairs(folder, repairs, order):  # damaged or short metrics files, from the journal
             print(warning, file=sys.stderr)

@@ -18,6 +18,14 @@ step ``loss`` (named terms, summed by the loop), ``after_backward`` (e.g. gradie
 a resume mid-task ``load_state_dict`` is called *after* ``before_task``, so it overrides what ``before_task``
 rebuilt. ``parameter_groups`` (the method's, then each component's in order) and ``optimizer`` (the
 method's only) decide how its parameters are updated.
+
+Test-time label spaces (``--label-space``, :mod:`mtil.evaluation.label_space`): under ``seen`` the evaluator
+classifies a test image of dataset d among the classes of every task trained so far plus d's own, with the union
+of those datasets' heads (zero-shot heads, and the linear heads a method learned). A method whose heads cannot
+join such a union (an image encoding of their own, logits on a scale of their own) declares why in
+``label_space_seen_refused``, and ``--label-space seen`` is refused before anything is written. A method with its
+own task-agnostic inference (MoE-Adapters' DDAS routing, DIKI's calibration, RAIL's fusion) overrides
+:meth:`Method.task_agnostic_head` instead.
 """
 from __future__ import annotations
 
@@ -56,6 +64,9 @@ class Method:
     trains_instead_of_clip: ClassVar[bool] = False  # components: trains its own parameters, CLIP's frozen (LoRA)
     trains_logit_scale: ClassVar[bool] = False
     needs_classification_data: ClassVar[bool] = True
+    # Why --label-space seen cannot evaluate this method ("" : it can): its heads cannot join a union of heads and
+    # it supplies no task_agnostic_head. Said in the one-line refusal ("--method X <this>").
+    label_space_seen_refused: ClassVar[str] = ""
 
     def __init__(self, config: argparse.Namespace):
         self.config = config
@@ -144,6 +155,17 @@ class Method:
 
     def after_task(self, run: "Run", task: "TaskContext") -> None:
         pass
+
+    def task_agnostic_head(self, run: "Run", dataset: str, layout: list[str]) -> nn.Module | None:
+        """``--label-space seen``: the head that classifies test images of ``dataset`` among the classes of every
+        dataset of ``layout`` (the tasks trained so far in training order, then ``dataset`` when it is not one of
+        them; at least two datasets: a one-dataset layout is ``dataset``'s own head), or None (the default) for the
+        evaluator's union of the per-dataset heads. The head (a :class:`~mtil.models.heads.Head`) must give one
+        logit per class of the layout's datasets, each dataset's classes a block of their own in layout order
+        (the evaluator moves an image's label into its dataset's block). Its ``encode`` may be its own (e.g. routed
+        adapters), with its own ``feature_id``. Called at every evaluation of a ``seen`` run (the method's state
+        is the current one); only training runs ask it (``--eval-only`` refuses a method that overrides it)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

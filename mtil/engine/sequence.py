@@ -21,7 +21,7 @@ from mtil.datasets.captions import CAPTION_DATASETS
 from mtil.datasets.fewshot import protocol_of, task_data
 from mtil.distributed import DistributedEnv, init_distributed
 from mtil.engine import checks, resume
-from mtil.engine.chain_fill import fill_earlier_rows
+from mtil.engine.chain_fill import fill_earlier_rows, missing_cells
 from mtil.engine.checkpoint import DERIVED, LATEST, RECORD_VERSION, capture_rng, config_for_checkpoint, \
     remove_orphaned_temporaries, restore_rng, save_checkpoint
 from mtil.engine.loop import train_steps
@@ -38,7 +38,8 @@ from mtil.engine.task_report import applied_settings, settings_lines
 from mtil.engine.tasks import has_length, resolve_tasks, steps_for, task_settings, warmup_chosen
 from mtil.errors import UserError
 from mtil.evaluation import fewshot_report
-from mtil.evaluation.metrics_io import safe_name, short_name
+from mtil.evaluation.label_space import DEFAULT_LABEL_SPACE, SEEN, records_label_space, seen_tasks, summary_label
+from mtil.evaluation.metrics_io import read_result_records, safe_name, short_name
 from mtil.evaluation.report_writer import REPORTS_FOLDER, ReportWriter
 from mtil.evaluation.zeroshot import ZeroShotEvaluator
 from mtil.folder_lock import FolderLock, refuse_if_held
@@ -52,7 +53,7 @@ from mtil.models.train_modes import select_trainable, trains_text
 from mtil.models.zeroshot_weights import ZeroShotWeights
 from mtil.parallel import SINGLE, Parallel
 from mtil.records import Records
-from mtil.records.files import result_record
+from mtil.records.files import MATRIX, read_or_rebuild_matrix, result_record
 from mtil.records.integrity import Repairs, apply_repairs, check_folder
 from mtil.seeding import seed_everything
 
@@ -105,7 +106,11 @@ class SequenceRunner:
         self.guard = WeightsGuard()  # build() bounds the saved weights by the model's start
         self.reports: ReportWriter | None = None  # --report: classification reports (build attaches it)
         self.label = run_label(components, config)  # finetune+ema: what tables and files call this run
-        self.records = Records(None, self.config_record, self.label)  # build() gives it the folder
+        # --label-space: dataset (each test set among its own classes) or seen (among every trained task's too)
+        self.label_space = getattr(config, "label_space", DEFAULT_LABEL_SPACE)
+        # what the summary, the tables and the heat map call the run (the label space said when it is not dataset)
+        self.summary_label = summary_label(self.label, self.label_space)
+        self.records = Records(None, self.config_record, self.summary_label)  # build() gives it the folder
         self.repairs: Repairs | None = None  # metric files to rebuild on resume (found in prepare)
         self.lock: FolderLock | None = None
 
@@ -171,7 +176,19 @@ class SequenceRunner:
                 else 0
             self.repairs = check_folder(self.save_dir, upto=state.global_step if self.resumed else None,
                                         rows_done=rows_done if self.resumed else None)
+        self.check_label_space()
         return prepared
+
+    def check_label_space(self) -> None:
+        """The matrix cells already in the folder (a resumed run, a chain's earlier links) are of this run's label
+        space: one matrix never mixes two."""
+        if self.read_dir is None:
+            return
+        results = self.read_dir / "results.jsonl"
+        found = records_label_space(read_result_records(results), str(results))
+        if found is not None and found != self.label_space:
+            raise UserError(f"{self.read_dir} holds accuracy-matrix cells measured with --label-space {found}; this "
+                            f"run measures --label-space {self.label_space}: use another --save")
 
     def build(self) -> Run:
         """Check everything, then (and only then) take the save folder, create its log and config.yaml."""
@@ -188,7 +205,7 @@ class SequenceRunner:
         chained = self.resumed is None and bool(state.completed)  # the next link of a one-task-per-process chain
         if self.save_dir is not None:
             self.lock = FolderLock(self.save_dir).acquire()  # one run per folder, until this process ends
-            self.records = Records.for_run(self.save_dir, self.config_record, self.label,
+            self.records = Records.for_run(self.save_dir, self.config_record, self.summary_label,
                                            getattr(config, "report_to", None) or [], self.save_dir.name)
             if self.resumed is not None:
                 self.records.load_state_dict(self.resumed.get("records"))
@@ -224,6 +241,8 @@ class SequenceRunner:
         run = Run(config, prepared.model, prepared.arch, device, state, evaluator, self.save_dir, log,
                   precision=precision, parallel=self.parallel, records=self.records)
         run.zeroshot_state = ZeroShotWeights(state.base, config)
+        if self.label_space == SEEN:  # the seam: a method's own task-agnostic head, else the union of heads
+            evaluator.task_agnostic_head = lambda name, layout: self.method.task_agnostic_head(run, name, layout)
         # the saved weights' bounds: the zero-shot weights' largest values, the same for a straight run, a resumed
         # one and every link of a chain: the model itself at a fresh start, else rebuilt from the state's base (the
         # weights at hand if that cannot be)
@@ -297,18 +316,22 @@ class SequenceRunner:
         if self.reports is not None:
             self.reports.begin_row(after_task, len(state.sequence), iteration=state.global_step)
         task = after_task if after_task is not None else len(state.completed) + 1  # mid-task: the one training
+        # --label-space seen: among the classes of the tasks trained so far (mid-task: not the one training) too
+        seen = seen_tasks(state.completed) if self.label_space == SEEN else None
         for name in self.eval_names(run):
-            result = run.evaluator.evaluate(name, "test", part)
+            result = run.evaluator.evaluate(name, "test", part, seen=seen)
             rows.append({"after_task": after_task, "dataset": name, "top1": result.top1, "top5": result.top5})
             self.records.evaluation(result_record(
                 dataset=name, iteration=state.global_step, after_task=after_task, sequence=state.completed,
                 top1=result.top1, top5=result.top5, images=result.count, classes=result.classes, part=part,
-                head=result.head, method=self.label), task)
+                head=result.head, method=self.label, label_space=self.label_space), task)
             if protocol is not None and after_task is not None:
                 fewshot_rows += fewshot_report.evaluate_extra(run.evaluator, protocol, name, result,
-                                                              with_val=name in state.sequence)
+                                                              with_val=name in state.sequence, seen=seen)
         label = "zero-shot" if after_task == 0 else (f"after task {after_task}" if after_task else
                                                     f"step {state.step}")
+        if seen is not None:
+            label += ", label space seen"
         scores = "  ".join(f"{short_name(r['dataset'])} {r['top1']:.2f}" for r in rows)
         _say(run.log, f"[{label}] {scores or 'nothing to evaluate (--eval-datasets names classification datasets)'}")
         if fewshot_rows:
@@ -461,8 +484,16 @@ class SequenceRunner:
         if self.read_dir is not None and resume.continues_chain(self.config, self.read_dir):
             # a chain's link (started or resumed): its tasks in the earlier links' rows
             own = [s.dataset for s in self.specs if s.dataset in self.eval_names(run)]
-            fill_earlier_rows(run, self.read_dir, own, self.specs[0].dataset, self.records, self.label,
-                              lambda line: _say(run.log, line))
+            if self.label_space == SEEN:  # the fill evaluates each dataset among its own classes only
+                matrix = self.read_dir / MATRIX
+                rows = run.state.sequence.index(self.specs[0].dataset) + 1
+                if missing_cells(read_or_rebuild_matrix(matrix) if matrix.is_file() else None, rows, own):
+                    _say(run.log, f"mtil: note: the earlier rows lack {', '.join(own)}; with --label-space seen a "
+                                  f"chain's link does not fill them (give every task to --eval-datasets in each "
+                                  f"link instead)")
+            else:
+                fill_earlier_rows(run, self.read_dir, own, self.specs[0].dataset, self.records, self.label,
+                                  lambda line: _say(run.log, line))
         if not state.zero_shot_evaluated:
             self.evaluate_row(run, 0)
             state.zero_shot_evaluated = True

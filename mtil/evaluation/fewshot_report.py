@@ -35,14 +35,18 @@ def _row(split: str, part: str, result: EvalResult) -> dict[str, Any]:
 
 
 def evaluate_extra(evaluator: ZeroShotEvaluator, protocol: FewShot, name: str, main: EvalResult,
-                   with_val: bool) -> list[dict[str, Any]]:
+                   with_val: bool, seen: list[str] | None = None) -> list[dict[str, Any]]:
     """The few-shot rows of dataset ``name``: its matrix cell (``main``), the new classes' test accuracy under
-    ``--base-new``, and with ``with_val`` (a dataset the run trains, under ``--shots``) the validation accuracy."""
+    ``--base-new``, and with ``with_val`` (a dataset the run trains, under ``--shots``) the validation accuracy.
+    ``seen``: the tasks trained so far under ``--label-space seen`` (the validation images are then ranked in the
+    same label space as the matrix cell; --base-new is refused with it)."""
     rows = [_row("test", matrix_part(protocol), main)]
     if protocol.base_new:
         rows.append(_row("test", "new", evaluator.evaluate(name, "test", "new")))
     if with_val and protocol.shots is not None:
-        rows.append(_row("val", protocol.training_part, evaluator.evaluate(name, "val", protocol.training_part)))
+        val = evaluator.evaluate(name, "val", protocol.training_part) if seen is None else \
+            evaluator.evaluate(name, "val", protocol.training_part, seen=seen)
+        rows.append(_row("val", protocol.training_part, val))
     return rows
 
 

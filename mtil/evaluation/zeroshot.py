@@ -11,11 +11,13 @@ from torch.utils.data import DataLoader, Subset
 
 from mtil.datasets.base import TaskData
 from mtil.datasets.fewshot import FewShot, open_view
+from mtil.errors import UserError
 from mtil.evaluation.sampling import balanced_sample
-from mtil.models.heads import Head, ZeroShotHead
+from mtil.evaluation.label_space import union_datasets
+from mtil.models.heads import Head, UnionHead, ZeroShotHead, joins_union
 from mtil.models.text import zeroshot_head
 from mtil.models.transforms import eval_transform
-from mtil.models.backend import image_spec
+from mtil.models.backend import image_spec, logit_bias
 from mtil.parallel import SINGLE, Parallel
 
 
@@ -46,6 +48,16 @@ class ZeroShotEvaluator:
     cached until :meth:`model_changed` says the weights moved (``text_changed=False`` keeps them, e.g. when only
     the image encoder trains). With a few-shot protocol (``fewshot``) a dataset can be evaluated on its ``val``
     split and on a ``part`` of its classes (``base``, ``new``: among that part's class prompts only).
+
+    **Label spaces** (:mod:`mtil.evaluation.label_space`): :meth:`evaluate` with ``seen`` (the tasks trained so
+    far) classifies among the classes of the seen tasks plus the dataset's own, with :meth:`union_head`: the heads
+    of those datasets side by side (:class:`~mtil.models.heads.UnionHead`; each dataset's head from the cache or
+    ``learned_heads``, so nothing is built twice and the images are encoded once, as for ``dataset``). The seam
+    for methods with their own task-agnostic inference (MoE-Adapters' DDAS, DIKI's calibration, RAIL's fusion):
+    ``task_agnostic_head``, when set, is asked first with (dataset, layout) and may return a head whose logits
+    cover the layout's datasets' classes in that order (its ``encode`` may be its own); None lets the union of
+    per-dataset heads answer. A union of one dataset (no task seen, or only the dataset itself) is the dataset's
+    own head: ``seen`` then equals ``dataset`` exactly.
     """
 
     def __init__(self, model: nn.Module, *, data_location: str | Path = "data", download: bool = False,
@@ -76,6 +88,9 @@ class ZeroShotEvaluator:
         self.logits_listeners: list = []
         # Several processes: each encodes its run of whole batches, every rank gets all features (see encoded).
         self.parallel: Parallel = SINGLE
+        # --label-space seen: (dataset, layout) -> a method's own head over the layout's classes, or None (the
+        # union of per-dataset heads). Set by the sequence runner from Method.task_agnostic_head.
+        self.task_agnostic_head = None
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +125,31 @@ class ZeroShotEvaluator:
         ``part``'s classes; a learned head covers all of a dataset's classes)."""
         learned = self.learned_heads.get(name) if part == "all" else None
         return learned if learned is not None else self.zeroshot_head(name, part)
+
+    def classes(self, name: str, part: str = "all") -> int:
+        return len(self.task(name, part).classnames)
+
+    def union_head(self, name: str, layout: list[str]) -> Head:
+        """The head that classifies images of ``name`` among the classes of every dataset of ``layout`` (each its
+        own slots, in that order; see the class docstring)."""
+        if len(layout) == 1:
+            return self.head(name)
+        if self.task_agnostic_head is not None:
+            own = self.task_agnostic_head(name, list(layout))
+            if own is not None:
+                expected = sum(self.classes(d) for d in layout)
+                if own.num_classes != expected:
+                    raise ValueError(f"the task-agnostic head for {name} gives {own.num_classes} classes, "
+                                     f"the layout {layout} has {expected}")
+                return own
+        parts = [(d, self.head(d)) for d in layout]
+        refused = [f"{d} ({head.kind})" for d, head in parts if not joins_union(head)]
+        if refused:
+            raise UserError(f"--label-space seen: the heads of {', '.join(refused)} cannot join one head with "
+                            f"other datasets' (their own image encoding or logit scale)")
+        bias = logit_bias(self.model)
+        return UnionHead(parts, scale=float(self.model.logit_scale.detach().exp()),
+                         bias=0.0 if bias is None else float(bias.detach().reshape(-1)[0]))
 
     def loader(self, name: str, split: str = "test", part: str = "all") -> DataLoader:
         key = (name, split, part)
@@ -163,11 +203,24 @@ class ZeroShotEvaluator:
         return features, labels
 
     @torch.no_grad()
-    def evaluate(self, name: str, split: str = "test", part: str = "all") -> EvalResult:
-        """Top-1/top-5 of ``split`` (test, or a few-shot run's val) of the ``part`` (all, base, new) of ``name``."""
-        head = self.head(name) if part == "all" else self.head(name, part)
+    def evaluate(self, name: str, split: str = "test", part: str = "all",
+                 seen: list[str] | tuple[str, ...] | None = None) -> EvalResult:
+        """Top-1/top-5 of ``split`` (test, or a few-shot run's val) of the ``part`` (all, base, new) of ``name``.
+        ``seen``: the tasks trained so far, for ``--label-space seen`` (None: among ``name``'s own classes). The
+        listeners then get logits over the union's slots and labels moved to ``name``'s block."""
+        layout = [name] if seen is None else union_datasets(name, seen)
+        if len(layout) > 1:
+            if part != "all":
+                raise ValueError(f"--label-space seen ranks among all classes of each dataset, not the {part} part")
+            head = self.union_head(name, layout)
+            offset = sum(self.classes(d) for d in layout[:layout.index(name)])
+            classes = sum(self.classes(d) for d in layout)
+        else:
+            head = self.head(name) if part == "all" else self.head(name, part)
+            offset, classes = 0, len(self.task(name, part).classnames)
         features, labels = self.encoded(name, split, part, head)
-        classes = len(self.task(name, part).classnames)
+        if offset:
+            labels = labels + offset
         logits = torch.cat([head(chunk) for chunk in features.split(self.batch_size)])
         top = logits.topk(min(5, classes), dim=1).indices
         hits = top == labels[:, None]

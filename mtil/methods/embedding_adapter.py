@@ -116,6 +116,9 @@ class EmbeddingAdapterMethod(Method):
     works_with = ()  # L2 / WE / EMA / WiSE / LoRA / OGD act on CLIP's weights, which stay frozen here
     trains_instead_of_clip = True
     requires = {"hard_negative_momentum": "hard_negatives"}
+    label_space_seen_refused = ("classifies each dataset through its own adapter (own image encoding and "
+                                "temperature): its heads cannot be set beside other datasets'; use --label-space "
+                                "dataset")
 
     @classmethod
     def add_arguments(cls, group) -> None:

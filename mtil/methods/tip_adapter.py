@@ -120,6 +120,8 @@ class TipAdapter(Method):
                   "original paper and code swapped these two names). Needs --shots K; chooses on val only.")
     training_free = True
     works_with = ()
+    label_space_seen_refused = ("adds a cache term to each dataset's logits (with --imo-adapter, encodes images its "
+                                "own way): its heads cannot be set beside other datasets'; use --label-space dataset")
     head_class = TipHead
     affinity_split = False  # the IMO seam: encoded features are [original | affinity] (see the module docstring)
 

@@ -5,6 +5,10 @@ A head is a small serialisable module: ``forward(features) -> logits`` and :func
 resume, ``--eval-only`` and evaluation all go through this protocol, so a head learned in training is the one
 used wherever its dataset is evaluated. Kinds register by name with :func:`register_head`; a new kind (e.g. a
 Tip-Adapter cache head) is one class.
+
+``--label-space seen`` classifies a test image among the classes of several datasets with a :class:`UnionHead`
+built at evaluation time (never saved): the heads of those datasets side by side. A head says whether and how it
+may join one with ``union_logits``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,12 @@ class Head(nn.Module):
     # Names what :meth:`encode` computes, for caches of encoded features: heads with the same id (and the same
     # model) encode alike. A head whose encode differs must give its own.
     feature_id: ClassVar[str] = "clip-image"
+
+    # How this head's logits join a :class:`UnionHead` (``--label-space seen``): "cosine" (plain cosine
+    # similarities, which the union puts on CLIP's own scale), "clip" (already CLIP's own logits, s·cos (+ b), as a
+    # linear head initialised from the zero-shot head), or None: it cannot join (its own image encoding, or logits
+    # on a scale of its own, as Tip-Adapter's cache term). A head that joins must encode as CLIP does.
+    union_logits: ClassVar[str | None] = None
 
     def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The features :meth:`forward` classifies: CLIP's L2-normalised image features by default. A head that
@@ -57,6 +67,7 @@ class ZeroShotHead(Head):
     (the logit scale is left out: it changes no ranking)."""
 
     kind = "zeroshot"
+    union_logits = "cosine"
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -79,6 +90,7 @@ class LinearHead(Head):
     """A linear classifier on normalised image features, initialised from the zero-shot head times s."""
 
     kind = "linear"
+    union_logits = "clip"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -108,6 +120,62 @@ class LinearHead(Head):
     @classmethod
     def from_tensors(cls, tensors):
         return cls(tensors["linear.weight"], tensors["linear.bias"])
+
+
+def joins_union(head: Head) -> bool:
+    """Whether ``head`` may be one part of a :class:`UnionHead`: it says how its logits join, and it encodes images
+    as CLIP does (the union encodes each image once, with CLIP's image encoder)."""
+    return (type(head).union_logits in ("cosine", "clip") and type(head).encode is Head.encode
+            and head.feature_id == Head.feature_id)
+
+
+class UnionHead(Head):
+    """One head over the classes of several datasets (``--label-space seen``): each dataset's classes are their own
+    slots, in the order of ``parts`` (class i of dataset A and a same-named class of dataset B are two slots; an
+    image's label is its class's slot in its own dataset's block, :meth:`offset` + its class).
+
+    The logits are the parts' logits side by side. Parts must compare: a part whose logits are cosines (the
+    zero-shot head) is put on CLIP's own scale, ``scale * cos + bias`` (``scale`` = the model's
+    ``logit_scale.exp()``, ``bias`` = SigLIP's logit bias, else 0), which is what a linear head initialised from
+    the zero-shot head gives, so a learned head and a zero-shot head of another dataset compete on one scale. When
+    every part is zero-shot this changes no ranking within a part. Built at evaluation time, never saved (no
+    ``register_head``).
+    """
+
+    kind = "union"
+    union_logits = None  # a union is not nested
+
+    def __init__(self, parts: Sequence[tuple[str, Head]], scale: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        names = [name for name, _ in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a union names a dataset twice: {names}")
+        refused = [name for name, head in parts if not joins_union(head)]
+        if refused:
+            raise ValueError(f"the heads of {', '.join(refused)} cannot join a union of heads "
+                             f"({', '.join(type(h).kind for n, h in parts if n in refused)})")
+        self.datasets = names
+        self.parts = nn.ModuleList([head for _, head in parts])
+        self.scale, self.bias = float(scale), float(bias)
+        self.sizes = [head.num_classes for _, head in parts]
+        self.offsets = {name: sum(self.sizes[:i]) for i, name in enumerate(names)}
+
+    def offset(self, dataset: str) -> int:
+        """Where ``dataset``'s slots start."""
+        return self.offsets[dataset]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.sizes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        blocks = []
+        for head in self.parts:
+            logits = head(features)
+            if type(head).union_logits == "cosine":
+                logits = self.scale * logits + self.bias
+            blocks.append(logits)
+        return torch.cat(blocks, dim=1)
 
 
 def head_state(head: Head) -> dict[str, Any]:

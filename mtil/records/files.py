@@ -33,14 +33,17 @@ RESULT_SCHEMA = 2  # of the results.jsonl record (1: before 2026-12-07, when --e
 
 def result_record(*, dataset: str, iteration: int, top1: float, top5: float, images: int, classes: int,
                   after_task: int | None = None, sequence: list[str] | None = None, part: str = "all",
-                  head: str = "zeroshot", method: str | None = None, variant: str = "") -> dict[str, Any]:
+                  head: str = "zeroshot", method: str | None = None, variant: str = "",
+                  label_space: str = "dataset") -> dict[str, Any]:
     """One evaluation, as every writer of ``results.jsonl`` records it (``time`` and ``config`` are added when it
     is written). ``after_task``: the tasks trained when it ran (None: mid-task, or ``--eval-only``); ``part``:
     the classes it ranked among (``all``, or ``base`` under ``--base-new``); ``variant``: another model than the
-    checkpoint's own (``wiseft0.5``), whose rows go to ``metrics_<Dataset>_<variant>.csv``."""
+    checkpoint's own (``wiseft0.5``), whose rows go to ``metrics_<Dataset>_<variant>.csv``; ``label_space``: the
+    classes each image was ranked among (``--label-space``: ``dataset`` or ``seen``)."""
     return {"schema": RESULT_SCHEMA, "dataset": dataset, "iteration": int(iteration), "after_task": after_task,
             "sequence": list(sequence or []), "top1": float(top1), "top5": float(top5), "images": int(images),
-            "classes": int(classes), "part": part, "head": head, "method": method, "variant": variant}
+            "classes": int(classes), "part": part, "head": head, "method": method, "variant": variant,
+            "label_space": label_space}
 
 
 def series_name(record: Mapping[str, Any]) -> str:
