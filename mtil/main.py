@@ -62,11 +62,18 @@ def _launched_rank() -> int:
     return 0
 
 
+def parser_switches() -> set[str]:
+    """mtil.main's flags that take no value, from the full parser (seed_flags asks when cli_spec is stale)."""
+    from mtil.args import build_parser
+
+    return {option for action in build_parser()._actions if action.nargs == 0 for option in action.option_strings}
+
+
 def _answer_early(argv: Sequence[str]) -> tuple[list[str], int | None]:
     """``argv`` with the CLIP-AST seeds' spellings and Dassl overrides in mtil's names, and the exit code when it is
     answered before the model code is imported (no arguments, --help, a flag error: mtil.cli_spec), else None."""
     try:
-        argv = translate_main(list(argv))
+        argv = translate_main(list(argv), parser_switches)
     except UserError as exc:
         _error(str(exc))
         return list(argv), 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mtil.errors import UserError
 
@@ -86,12 +86,13 @@ def _dataset_name(name: str) -> str:
     return DASSL_DATASETS.get(name, name)
 
 
-def translate_main(argv: Sequence[str]) -> list[str]:
+def translate_main(argv: Sequence[str], switches_of_parser: Callable[[], set[str]] | None = None) -> list[str]:
     """``argv`` with the CLIP-AST seeds' spellings (flags and trailing Dassl overrides) in mtil's terms; a seed
-    flag mtil does without is a UserError naming what to give instead."""
+    flag mtil does without is a UserError naming what to give instead. ``switches_of_parser``: mtil.main's flags
+    that take no value, asked only when the shipped spec is stale."""
     out: list[str] = []
     tokens = list(argv)
-    switches = _switches()
+    switches = _switches(switches_of_parser)
     index = 0
     while index < len(tokens):
         token = tokens[index]
@@ -134,24 +135,23 @@ def translate_main(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _switches() -> set[str]:
-    """mtil.main's flags that take no value: from mtil.cli_spec, or from the full parser when the spec is stale
-    (an edited source; slower, but the same answer)."""
+def _switches(fallback: Callable[[], set[str]] | None) -> set[str] | None:
+    """mtil.main's flags that take no value: from mtil.cli_spec, else (a stale spec: an edited source) from
+    ``fallback`` (mtil.main passes the full parser's; this leaf module cannot import it), else None."""
     from mtil.cli_spec import load_spec
 
     spec = load_spec()
     if spec is not None:
         return {option for flag in spec["flags"] if flag["nargs"] == 0 for option in flag["options"]}
-    from mtil.args import build_parser
-
-    return {option for action in build_parser()._actions if action.nargs == 0 for option in action.option_strings}
+    return fallback() if fallback is not None else None
 
 
-def _value_of_previous(out: list[str], switches: set[str]) -> bool:
-    """Whether the next token is the value of the option just before it (``--save RUN.1``), not a Dassl key."""
+def _value_of_previous(out: list[str], switches: set[str] | None) -> bool:
+    """Whether the next token is the value of the option just before it (``--save RUN.1``), not a Dassl key. Without
+    the switches every ``--flag`` counts as taking a value: a key right after a switch is then read as its value."""
     if not out or not out[-1].startswith("--") or "=" in out[-1]:
         return False
-    return out[-1] not in switches
+    return switches is None or out[-1] not in switches
 
 
 def _is_dassl_key(token: str) -> bool:

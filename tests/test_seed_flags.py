@@ -10,7 +10,7 @@ import pytest
 
 from mtil.args import parse_args
 from mtil.errors import UserError
-from mtil.main import main
+from mtil.main import main, parser_switches
 from mtil.seed_flags import translate_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,13 +58,17 @@ def test_what_mtil_does_without_is_one_line(argv, fragment, capsys):
 def test_a_bare_upper_case_value_is_left_alone(spec, monkeypatch):
     if spec == "stale":
         monkeypatch.setattr("mtil.cli_spec.load_spec", lambda *a, **k: None)
-    assert translate_main(["--train-dataset", "SUN397", "--k", "6"]) == ["--train-dataset", "SUN397", "--k", "6"]
+
+    def translate(argv):  # as mtil.main calls it: the full parser's switches when the spec is stale
+        return translate_main(argv, parser_switches)
+
+    assert translate(["--train-dataset", "SUN397", "--k", "6"]) == ["--train-dataset", "SUN397", "--k", "6"]
     # a flag's value that looks like a Dassl key stays that flag's value (found in review: --save RUN.1)
-    assert translate_main(["--save", "RUN.1", "--k", "6"]) == ["--save", "RUN.1", "--k", "6"]
-    assert translate_main(["--class-names", "CLASSES.TXT", "K", "6"])[-2:] == ["--k", "6"]
-    assert translate_main(["--random-selection", "K", "6"]) == ["--random-selection", "--k", "6"]  # a switch
+    assert translate(["--save", "RUN.1", "--k", "6"]) == ["--save", "RUN.1", "--k", "6"]
+    assert translate(["--class-names", "CLASSES.TXT", "K", "6"])[-2:] == ["--k", "6"]
+    assert translate(["--random-selection", "K", "6"]) == ["--random-selection", "--k", "6"]  # a switch
     with pytest.raises(UserError, match="Dassl override K has no value"):
-        translate_main(["K"])
+        translate(["K"])
 
 
 IMO_SEED = ("--output_dir /model-output-dir --data_root /data-dir --epochs 10 --distributed --batch_size 40 "
