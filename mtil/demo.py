@@ -58,6 +58,9 @@ METHODS: dict[str, list[str]] = {
     "lora": ["--method", "finetune", "--lora", "--lora-r", "8", "--lora-alpha", "16", *TRAINING],
     "icarl": ["--method", "icarl", "--memory-size", "100", "--ref-batch-size", "32", *FROZEN],
     "ogd": ["--method", "finetune", "--orthogonal-gradients", "5", *FROZEN],
+    # frozen-CLIP methods with their own learning rates (a given --lr or --freeze is refused or overrides them)
+    "moe-adapters": ["--method", "moe-adapters", "--batch-size", "32", "--warmup-length", "10", "--log-every", "50"],
+    "diki": ["--method", "diki", "--batch-size", "32", "--warmup-length", "0", "--log-every", "50"],
 }
 # What ``make demo-full`` runs within about 12 minutes on 2 CPU cores; ``--methods all`` runs every one.
 DEFAULT_METHODS = ("zeroshot", "joint", "finetune", "ZSCL")
