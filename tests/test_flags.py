@@ -15,7 +15,10 @@ ARGV = ["--train-dataset", "ToyShape", "--iterations", "1"]
 # What the engine listed by name before the flags declared their roles: the declarations reproduce it.
 SHAPES_OPTIMIZER = {"method", "train_mode", "freeze", "optimizer", "lr_multipliers", "lora", "lora_r",
                     "lora_target_modules", "lora_shared", "lora_shared_split_qkvo", "lr_mult_vision", "lr_mult_text",
-                    "lr_mult_proj", "adapter_rank"}
+                    "lr_mult_proj", "adapter_rank",
+                    # the parameter sets of MoE-Adapters and DIKI
+                    "moe_experts", "moe_routers", "moe_bottleneck", "moe_top_k", "moe_protect", "diki_depth",
+                    "diki_length"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def test_roles_are_declared_where_the_flags_are(parsed):
     assert flags_with_role(parsed, "shapes_optimizer") == SHAPES_OPTIMIZER
     assert {"workers", "device", "save", "feature_cache"} <= flags_with_role(parsed, "operational")
     assert flags_with_role(parsed, "model") == {"model", "ref_model"}
-    assert flags_with_role(parsed, "dataset") == {"train_dataset", "eval_datasets", "ref_dataset", "ref_sentences"}
+    assert flags_with_role(parsed, "dataset") == {"train_dataset", "eval_datasets", "ref_dataset", "ref_sentences",
+                                                  "moe_ddas_reference"}
     assert {"ref_model", "feature_cache", "load", "save"} <= flags_with_role(parsed, "path")  # path=True
     assert not flags_with_role(parsed, "operational") & flags_with_role(parsed, "shapes_optimizer")
 

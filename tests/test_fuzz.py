@@ -201,6 +201,9 @@ def _jsonl(tmp_path: Path, *lines: bytes) -> Path:
     b'{"after_task": Infinity, "dataset": "A", "top1": 1}\n',  # int(inf): OverflowError
     b'{"after_task": 99999999999999999999999, "dataset": "A", "top1": 5}\n',  # int64: OverflowError
     b'{"after_task": -1, "dataset": "A", "top1": 5}\n',  # after_task must be >= 0: ValueError
+    # a whole record with a negative task: the matrix skipped it but the journal kept it as a cell, and --summarize
+    # rebuilding the matrix from the journal ended in a traceback (found by the fuzzing, summarize target)
+    b'{"after_task": -1, "dataset": "A", "iteration": 0, "top1": 5, "top5": 9, "sequence": []}\n',
     b'{"after_task": ' + b"1" * 5000 + b"}\n",  # json.loads: ValueError, not a JSONDecodeError
 ])
 def test_regression_a_bad_results_line_is_skipped(line, tmp_path, capsys):

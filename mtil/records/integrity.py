@@ -68,6 +68,8 @@ def read_journal(folder: Path) -> Journal:
             accuracy = _rounded(record["top1"], record.get("top5"))
             name = series_name(record)
             after_task = None if record.get("after_task") is None else int(record["after_task"])
+            if after_task is not None and not 0 <= after_task < 2**63:  # as matrix_from_results: not a matrix cell
+                raise ValueError(f"after_task {after_task}")
         except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
             continue
         journal.series.setdefault(name, {})[iteration] = accuracy
